@@ -1,0 +1,117 @@
+"""Sample images from VAR (full precision, or quantized with --quant-state) into a resumable run folder.
+
+    python -m VAR.sample --depth 16 --out outputs/var_d16                  # 50 per class, 50,000 images
+    torchrun --nproc_per_node 8 -m VAR.sample --depth 30 --out outputs/var_d30
+    python -m VAR.sample --preset var_tiny --per-class 1 --classes 0-15 --out /tmp/tiny   # CPU smoke test
+
+Writes OUT/shards/*.npz (one per batch), then OUT/samples.npz (`arr_0`: uint8 NHWC, class-interleaved order;
+`labels`; `idx_BL`: the sampled token ids) and OUT/grid.png. Rerunning the same command resumes.
+
+Defaults follow the official FID recipe: cfg 1.5, top-k 900, top-p 0.96, fp16 autocast on GPU, uint8 by
+truncation. Seeds: batch i uses a seed derived from (--seed, i). --official-reseed instead re-seeds every batch
+with --seed, as the reference script does (with --seed 42 --label-order sorted --batch-size 100 it replays
+that script's random draws).
+"""
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from sampling import LABEL_ORDERS, SamplingRun, class_labels, device_for_rank, rank_info_from_env, run_sampling
+
+from .loading import load_var
+from .presets import PRESETS, create, get_preset
+from .sampling import AUTOCAST_DTYPES, RECIPE, SamplingRecipe, make_sample_fn
+
+
+def parse_classes(spec: Optional[str], num_classes: int) -> List[int]:
+    """'0-9,42,100-102' -> [0..9, 42, 100, 101, 102]; None -> all classes."""
+    if not spec:
+        return list(range(num_classes))
+    classes = []
+    for part in spec.split(','):
+        lo, _, hi = part.strip().partition('-')
+        try:
+            classes.extend(range(int(lo), int(hi or lo) + 1))
+        except ValueError:
+            raise SystemExit(f'--classes {spec!r}: use comma-separated ids or ranges such as 0-9,42')
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise SystemExit(f'--classes: ids {bad[:5]} are outside [0, {num_classes})')
+    return classes
+
+
+def apply_quant_state(var, path: Path) -> None:
+    try:
+        from quant.io import load_quantized
+    except ImportError as err:
+        raise SystemExit(f'--quant-state needs quant.io.load_quantized, which is not available in this installation '
+                         f'({err}); update the ptq4arvg package, or sample without --quant-state') from err
+    load_quantized(var, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', default=None, choices=sorted(PRESETS), help='model preset (default var_d16)')
+    p.add_argument('--depth', type=int, choices=(16, 20, 24, 30), help='shorthand for --preset var_d{depth}')
+    p.add_argument('--ckpt-dir', type=Path, help='folder holding var_d*.pth and vae_ch160v4096z32.pth '
+                                                 '(default: download from Hugging Face FoundationVision/var)')
+    p.add_argument('--random-weights', action='store_true', help='skip the checkpoints; deterministic random weights')
+    p.add_argument('--quant-state', type=Path, help='quantized state saved by the quantization step')
+    p.add_argument('--out', type=Path, required=True, help='run folder (shards, samples.npz, grid.png)')
+    p.add_argument('--per-class', type=int, default=50)
+    p.add_argument('--classes', default=None, help='class ids, e.g. 0-999 or 1,7,42 (default: all)')
+    p.add_argument('--label-order', default='interleaved', choices=LABEL_ORDERS)
+    p.add_argument('--num-images', type=int, help='only the first N images of the schedule')
+    p.add_argument('--batch-size', type=int, default=100)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--official-reseed', action='store_true', help='re-seed every batch with --seed (reference script)')
+    p.add_argument('--cfg', type=float, default=RECIPE.cfg)
+    p.add_argument('--top-k', type=int, default=RECIPE.top_k)
+    p.add_argument('--top-p', type=float, default=RECIPE.top_p)
+    p.add_argument('--dtype', choices=sorted(AUTOCAST_DTYPES), help='autocast precision (default fp16 on GPU, fp32 on CPU)')
+    p.add_argument('--device', help='default: cuda:LOCAL_RANK if available, else cpu')
+    p.add_argument('--max-batches', type=int, help='stop after this many new batches (rerun to continue)')
+    p.add_argument('--grid', type=int, default=64, help='images in grid.png')
+    p.add_argument('--no-progress', action='store_true')
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.preset and args.depth:
+        raise SystemExit('give either --preset or --depth, not both')
+    preset = get_preset(args.preset or f'var_d{args.depth or 16}')
+    rank = rank_info_from_env()
+    device = torch.device(args.device or device_for_rank(rank))
+    dtype = args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')
+
+    random_weights = args.random_weights or not preset.checkpoint
+    if random_weights:
+        var, vae = create(preset.name, device=device, seed=args.seed)
+    else:
+        var, vae = load_var(preset.var.depth, ckpt_dir=args.ckpt_dir, device=device)
+    if args.quant_state is not None:
+        apply_quant_state(var, args.quant_state)
+
+    labels = class_labels(args.per_class, parse_classes(args.classes, preset.var.num_classes), args.label_order)
+    if args.num_images is not None:
+        labels = labels[:args.num_images]
+    recipe = SamplingRecipe(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    run = SamplingRun(
+        out_dir=args.out, labels=labels, batch_size=args.batch_size, seed=args.seed,
+        reseed_each_batch=args.official_reseed, grid_images=args.grid,
+        description={'family': 'VAR', 'preset': preset.name, 'weights': 'random' if random_weights else 'released',
+                     'quant_state': str(args.quant_state) if args.quant_state else None, 'dtype': dtype,
+                     'cfg': recipe.cfg, 'top_k': recipe.top_k, 'top_p': recipe.top_p, 'label_order': args.label_order})
+    npz = run_sampling(make_sample_fn(var, vae, recipe, dtype), run, rank=rank, max_new_batches=args.max_batches,
+                       progress=not args.no_progress)
+    if npz is not None:
+        print(f'wrote {npz} ({len(labels)} images) and {npz.parent / "grid.png"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

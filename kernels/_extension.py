@@ -1,0 +1,76 @@
+"""Loads the compiled extension kernels/_C*.so (built by kernels/setup.py) if present, registers the meta
+("fake") implementations of its ops for torch.compile, and answers which of its kernels run on a device."""
+import functools
+from pathlib import Path
+
+import torch
+
+NAMESPACE = "ptq4arvg_kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def load_error() -> str | None:
+    """None once the extension is loaded, else why it is not available."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA"
+    libraries = sorted(Path(__file__).parent.glob("_C*.so"))
+    if not libraries:
+        return "kernels/_C*.so not built (python kernels/setup.py build_ext --inplace)"
+    try:
+        torch.ops.load_library(str(libraries[0]))
+    except (OSError, RuntimeError) as error:
+        return f"could not load {libraries[0].name}: {error}"
+    _register_fakes()
+    return None
+
+
+def loaded() -> bool:
+    return load_error() is None
+
+
+def ops():
+    return getattr(torch.ops, NAMESPACE)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake(f"{NAMESPACE}::quantize_rows")
+    def _(x, step, zero_point, bits):
+        return x.new_empty(x.shape, dtype=torch.int8), zero_point.new_empty(zero_point.shape)
+
+    @torch.library.register_fake(f"{NAMESPACE}::int8_linear")
+    def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config=-1):
+        return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake(f"{NAMESPACE}::dequantize_int32")
+    def _(acc, act_scale, act_zero, w_scale, wsum, bias, out_dtype):
+        return acc.new_empty(acc.shape, dtype=out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_archs() -> tuple[int, ...]:
+    """Architectures of the extension's machine code, as nvcc numbers them (e.g. (900,) for sm_90a)."""
+    return tuple(ops().compiled_archs()) if loaded() else ()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def runs_elementwise(device: torch.device) -> bool:
+    """Whether the quantize / dequantize kernels have machine code for this device (same major, lower minor)."""
+    if device.type != "cuda" or not loaded():
+        return False
+    major, minor = _capability(_device_index(device))
+    return any(arch // 100 == major and (arch % 100) // 10 <= minor for arch in compiled_archs())
+
+
+def runs_sm90_gemm(device: torch.device) -> bool:
+    """Whether the CUTLASS sm_90a GEMMs run on this device (an H100/H200 and a build that includes 9.0a)."""
+    if device.type != "cuda" or not loaded():
+        return False
+    return _capability(_device_index(device)) == (9, 0) and 900 in compiled_archs()

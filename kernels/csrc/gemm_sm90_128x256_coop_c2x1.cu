@@ -1,0 +1,14 @@
+// sm_90a INT8 GEMM, tile configuration 128x256_coop_c2x1 (see gemm_sm90.cuh).
+#include "gemm_sm90.cuh"
+
+namespace ptq4arvg {
+namespace {
+using namespace cute;
+using C = sm90::Config<Shape<_128, _256, _128>, Shape<_2, _1, _1>, sm90::schedule::Cooperative, sm90::schedule::EpiCooperative, sm90::schedule::Persistent>;
+}  // namespace
+
+const Sm90GemmConfig& sm90_config_128x256_coop_c2x1() {
+  static const Sm90GemmConfig config{"128x256_coop_c2x1", 128, 256, false, &C::workspace_size, &C::run};
+  return config;
+}
+}  // namespace ptq4arvg

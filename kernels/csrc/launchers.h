@@ -1,0 +1,85 @@
+// Plain C++ interface between the torch-facing op code (ops.cpp) and the CUDA translation units.
+// Nothing here includes torch or CUTLASS, so each side compiles on its own.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace ptq4arvg {
+
+enum class OutDtype : int { kBFloat16 = 0, kFloat16 = 1, kFloat32 = 2 };
+
+// One per-row parameter: a device pointer and whether it holds one value per row (else one scalar).
+template <class T>
+struct RowParam {
+  const T* ptr = nullptr;
+  bool per_row = false;
+};
+
+// xs = clamp(round(x / step[m]) + zero[m], 0, 2^bits - 1) - offset[m],  offset = clamp(zero, 2^bits - 128, 128)
+// residual[m] = zero[m] - offset[m]  (what the GEMM epilogue still has to subtract; 0 for <= 7-bit grids)
+struct QuantizeArgs {
+  const void* x = nullptr;  // [rows, cols], bf16 / fp16 / fp32, contiguous
+  int in_dtype = 0;         // OutDtype numbering
+  int8_t* out = nullptr;    // [rows, cols]
+  int32_t* residual = nullptr;  // [rows] or [1], matching zero.per_row
+  RowParam<float> step;
+  RowParam<int32_t> zero;
+  int64_t rows = 0;
+  int64_t cols = 0;  // multiple of 8
+  int bits = 8;
+};
+void launch_quantize_rows(const QuantizeArgs& args, cudaStream_t stream);
+
+// out[m, n] = out_dtype( act_scale[m] * (w_scale[n] * float(acc - act_zero[m] * wsum[n])) + bias[n] )
+// acc is int32: either a finished [M, N] tensor (dequantize) or the GEMM accumulator (fused epilogue).
+struct EpilogueArgs {
+  RowParam<float> act_scale;
+  RowParam<int32_t> act_zero;  // ptr == nullptr: no zero-point correction
+  const float* w_scale = nullptr;  // [N]
+  const int32_t* wsum = nullptr;   // [N]
+  const float* bias = nullptr;     // [N] or nullptr
+};
+
+struct DequantizeArgs {
+  const int32_t* acc = nullptr;  // [M, N]
+  void* out = nullptr;           // [M, N]
+  OutDtype out_dtype = OutDtype::kBFloat16;
+  EpilogueArgs epi;
+  int64_t M = 0, N = 0;  // N multiple of 4
+};
+void launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
+
+// INT8 GEMM: A = xq [M, K] row-major, B = wq [N, K] row-major (K contiguous in both), D = out [M, N].
+struct Int8GemmArgs {
+  const int8_t* xq = nullptr;
+  const int8_t* wq = nullptr;
+  void* out = nullptr;
+  OutDtype out_dtype = OutDtype::kBFloat16;
+  EpilogueArgs epi;
+  int M = 0, N = 0, K = 0;
+  int device = 0;
+  int sm_count = 0;
+};
+
+// One sm_90a tile configuration. Both functions return nullptr on success or a static error message.
+struct Sm90GemmConfig {
+  const char* name;
+  int tile_m, tile_n;
+  bool stream_k;
+  size_t (*workspace_size)(const Int8GemmArgs&);
+  const char* (*run)(const Int8GemmArgs&, void* workspace, cudaStream_t);
+};
+
+// The config table, in the order the dispatcher indexes it (gemm_sm90_configs.cu).
+int sm90_config_count();
+const Sm90GemmConfig& sm90_config(int index);
+// The index of the configuration used for a problem when none is requested.
+int choose_sm90_config(int64_t M, int64_t N, int64_t K, int sm_count);
+
+// Architectures the CUDA code was compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. {900}).
+int compiled_arch_count();
+int compiled_arch(int index);
+
+}  // namespace ptq4arvg

@@ -1,0 +1,184 @@
+"""Public INT8 ops and their dispatch.
+
+Backends, chosen per call from the tensors' device (or forced with backend=...):
+  "cutlass_sm90": the extension's fused CUTLASS GEMM (sm_90a: H100/H200) and its quantize kernel;
+  "int_mm":       torch._int_mm (cuBLASLt INT8) followed by the extension's fused dequantize kernel, or by the
+                  reference epilogue in PyTorch ops when the extension has no code for the device (any CUDA GPU);
+  "reference":    the exact pure-PyTorch path of kernels/reference.py (CPU, or forced on a GPU).
+The int8 convention is described in kernels/README.md.
+"""
+import torch
+
+from kernels import _extension, reference
+
+BACKENDS = ("cutlass_sm90", "int_mm", "reference")
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def active_backend(device: torch.device | str | None = None) -> str:
+    """The backend the ops use for tensors on `device` (default: the current CUDA device, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "reference"
+    return "cutlass_sm90" if _extension.runs_sm90_gemm(device) else "int_mm"
+
+
+def extension_status() -> str:
+    """One line on the compiled extension: loaded with which architectures, or why not."""
+    error = _extension.load_error()
+    return error or f"loaded, compiled for {', '.join(f'sm_{a // 10}' for a in _extension.compiled_archs())}"
+
+
+def _resolve_backend(backend: str | None, device: torch.device) -> str:
+    if backend is None:
+        return active_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cutlass_sm90" and not _extension.runs_sm90_gemm(device):
+        raise RuntimeError(f"the cutlass_sm90 backend needs an sm_90 GPU and the built extension "
+                           f"({extension_status()}); tensors are on {device}")
+    if backend == "int_mm" and device.type != "cuda":
+        raise RuntimeError("the int_mm backend needs CUDA tensors")
+    return backend
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [2, 8] (grids wider than 8 bits do not fit int8), got {bits!r}")
+
+
+def _check_k(k: int) -> None:
+    if k % 16 != 0:
+        raise ValueError(f"the input features K = {k} must be a multiple of 16 (16-byte int8 rows for TMA); "
+                         f"pad the layer's input features with zeros")
+
+
+def _check_n(n: int) -> None:
+    if n % 8 != 0:
+        raise ValueError(f"the output features N = {n} must be a multiple of 8 (16-byte output rows); "
+                         f"pad the layer's output features")
+
+
+def _row_param(value, rows_shape: torch.Size, dtype: torch.dtype, name: str, device: torch.device) -> torch.Tensor:
+    """A per-row parameter as a dense [1] (one value for all rows) or [M] tensor of `dtype`.
+
+    Accepts a Python number, a one-element tensor, a [M] tensor (M = x.shape[:-1].numel()), or a tensor
+    broadcastable to the rows x.shape[:-1] (per-token STWQ parameters, for instance). Pass tensors when
+    capturing CUDA graphs.
+    """
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor([value], dtype=dtype, device=device)
+    if dtype == torch.int32 and value.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor; round it once when converting: "
+                        f"{name}.round().to(torch.int32)")
+    if dtype == torch.float32 and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the input is on {device}")
+    value = value.to(dtype)
+    if value.numel() == 1:
+        return value.reshape(1)
+    if value.dim() == 1 and value.numel() == rows_shape.numel():  # already one value per flattened row
+        return value.contiguous()
+    try:
+        value = torch.broadcast_to(value, rows_shape)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a scalar or broadcastable to the rows {tuple(rows_shape)} "
+                         f"(the input's shape without its last dimension), got {tuple(value.shape)}") from None
+    return value.reshape(-1).contiguous()
+
+
+def _col_param(value: torch.Tensor, n: int, dtype: torch.dtype, name: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.shape != (n,):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({n},) (one value per output channel), got {shape}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the input is on {device}")
+    if dtype == torch.int32 and value.is_floating_point():
+        raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+    return value.to(dtype).contiguous()
+
+
+def quantize_rows(x: torch.Tensor, step, zero_point, bits: int = 8, *, backend: str | None = None):
+    """Quantize x [..., K] (bf16/fp16/fp32) row-wise onto an asymmetric b-bit grid, stored as int8.
+
+    q = clamp(round(x / step[m]) + zero_point[m], 0, 2**bits - 1) (round half to even), stored as q - c with
+    c = clamp(zero_point, 2**bits - 128, 128). `step` (float) and `zero_point` (integer) are scalars or
+    broadcastable to the rows x.shape[:-1].
+    Returns (xq int8 [..., K], act_zero int32 [M] or [1]): act_zero = zero_point - c is what int8_linear must
+    still subtract (zero for grids of up to 7 bits with an in-range zero point).
+    """
+    _check_bits(bits)
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    _check_k(x.shape[-1])
+    rows_shape = x.shape[:-1]
+    step = _row_param(step, rows_shape, torch.float32, "step", x.device)
+    zero_point = _row_param(zero_point, rows_shape, torch.int32, "zero_point", x.device)
+    backend = _resolve_backend(backend, x.device)
+    if backend != "reference" and _extension.runs_elementwise(x.device):
+        return _extension.ops().quantize_rows(x.contiguous(), step, zero_point, bits)
+    xq, act_zero = reference.quantize_rows(x.reshape(-1, x.shape[-1]), step, zero_point, bits)
+    return xq.reshape(x.shape), act_zero
+
+
+def int8_linear(xq: torch.Tensor, wq: torch.Tensor, act_scale, act_zero, w_scale: torch.Tensor,
+                wsum: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                *, backend: str | None = None) -> torch.Tensor:
+    """out[..., n] = out_dtype( act_scale[m] * w_scale[n] * (xq @ wq.T - act_zero[m] * wsum[n]) + bias[n] ).
+
+    xq int8 [..., K]; wq int8 [N, K] (symmetric per output channel, see kernels.weights); act_scale (float) and
+    act_zero (integer, or None) scalars or broadcastable to the rows xq.shape[:-1]; w_scale (float), wsum (int32)
+    and bias (float, or None) of shape [N]. K % 16 == 0 and N % 8 == 0.
+    """
+    if xq.dtype != torch.int8 or wq.dtype != torch.int8:
+        raise TypeError(f"xq and wq must be int8, got {xq.dtype} and {wq.dtype}")
+    if wq.dim() != 2 or xq.shape[-1] != wq.shape[1]:
+        raise ValueError(f"wq must be [N, K] with K = xq.shape[-1]; got xq {tuple(xq.shape)}, wq {tuple(wq.shape)}")
+    allowed = OUTPUT_DTYPES + ((torch.float64,) if backend == "reference" or not xq.is_cuda else ())
+    if out_dtype not in allowed:
+        raise TypeError(f"out_dtype must be one of {allowed}, got {out_dtype}")
+    n, k = wq.shape
+    _check_k(k)
+    _check_n(n)
+    device = xq.device
+    if wq.device != device:
+        raise ValueError(f"wq is on {wq.device} but xq is on {device}")
+    rows_shape = xq.shape[:-1]
+    act_scale = _row_param(act_scale, rows_shape, torch.float32, "act_scale", device)
+    act_zero = None if act_zero is None else _row_param(act_zero, rows_shape, torch.int32, "act_zero", device)
+    w_scale = _col_param(w_scale, n, torch.float32, "w_scale", device)
+    wsum = _col_param(wsum, n, torch.int32, "wsum", device)
+    bias = None if bias is None else _col_param(bias, n, torch.float32, "bias", device)
+    x2 = xq.reshape(-1, k)
+    backend = _resolve_backend(backend, device)
+
+    if backend == "cutlass_sm90" and out_dtype in (torch.bfloat16, torch.float16):
+        out = _extension.ops().int8_linear(x2.contiguous(), wq.contiguous(), act_scale, act_zero, w_scale, wsum,
+                                           bias, out_dtype)
+    elif backend != "reference" and x2.shape[0] > 0:
+        acc = reference.int_matmul(x2.contiguous(), wq)
+        if _extension.runs_elementwise(device):
+            out = _extension.ops().dequantize_int32(acc, act_scale, act_zero, w_scale, wsum, bias, out_dtype)
+        else:
+            out = reference.dequantize(acc, act_scale, act_zero, w_scale, wsum, bias, out_dtype)
+    else:
+        out = reference.int8_linear(x2, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype)
+    return out.reshape(*rows_shape, n)
+
+
+def quantized_linear(x: torch.Tensor, step, zero_point, bits: int, wq: torch.Tensor, w_scale: torch.Tensor,
+                     wsum: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                     *, backend: str | None = None) -> torch.Tensor:
+    """quantize_rows + int8_linear: the full W8A8 / W6A6 linear layer on a float input x [..., K].
+
+    Equals F.linear(step * (q - zero_point), w_scale[:, None] * wq, bias) computed exactly in integers,
+    rounded once to out_dtype (default: x.dtype).
+    """
+    step = _row_param(step, x.shape[:-1], torch.float32, "step", x.device)
+    xq, act_zero = quantize_rows(x, step, zero_point, bits, backend=backend)
+    return int8_linear(xq, wq, step, act_zero, w_scale, wsum, bias, out_dtype or x.dtype, backend=backend)
+

@@ -1,0 +1,177 @@
+"""GPU tests of the kernels package: the compiled extension against the exact reference path.
+
+Skipped without CUDA. With CUDA but without the built extension (kernels/setup.py) the extension tests skip,
+unless PTQ4ARVG_REQUIRE_EXTENSION=1 (set where the extension was just built), which turns the skip into a failure.
+"""
+import os
+
+import pytest
+import torch
+
+import kernels
+from kernels import _extension, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+BF16_HALF_ULP = 2.0**-8  # relative rounding error of one bf16 rounding
+FP16_HALF_ULP = 2.0**-11
+
+
+@pytest.fixture(scope="module")
+def extension():
+    if not _extension.loaded():
+        message = f"extension not available: {_extension.load_error()}"
+        if os.environ.get("PTQ4ARVG_REQUIRE_EXTENSION") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return _extension.ops()
+
+
+@pytest.fixture(scope="module")
+def sm90(extension):
+    if not _extension.runs_sm90_gemm(torch.device("cuda")):
+        pytest.skip("the CUTLASS GEMMs need an sm_90 GPU")
+    return extension
+
+
+def make_layer(M, K, N, bits=8, per_row=False, bias=True, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(M, K, device="cuda", generator=g) * 2 + 0.5).to(dtype)
+    w = torch.randn(N, K, device="cuda", generator=g)
+    weight = kernels.quantize_weight_symmetric(w)
+    lo = x.float().amin(-1) if per_row else x.float().min().reshape(1)
+    hi = x.float().amax(-1) if per_row else x.float().max().reshape(1)
+    step = (hi - lo) / (2**bits - 1)
+    zero = torch.round(-lo / step).to(torch.int32)
+    b = torch.randn(N, device="cuda", generator=g) if bias else None
+    return x, step, zero, weight, b
+
+
+def assert_within_rounding(out, exact, half_ulp):
+    """Every element within one rounding of the exact float32 result (plus fp32 slack near zero)."""
+    assert out.shape == exact.shape
+    assert torch.isfinite(out).all()
+    err = (out.float() - exact).abs()
+    bound = half_ulp * exact.abs() + 1e-5 * exact.abs().max()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"max excess over the rounding bound: {worst:.3g} (max err {err.max().item():.3g})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 6])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_quantize_kernel_is_bit_exact(extension, dtype, bits, per_row):
+    x, step, zero, _, _ = make_layer(333, 1536, 8, bits, per_row, dtype=dtype)
+    xq, act_zero = kernels.quantize_rows(x, step, zero, bits)
+    xq_ref, act_zero_ref = kernels.quantize_rows(x, step, zero, bits, backend="reference")
+    assert torch.equal(xq, xq_ref)
+    assert torch.equal(act_zero, act_zero_ref)
+
+
+SHAPES = [(1, 768, 2304), (17, 1024, 4096), (200, 768, 2304), (200, 4096, 1024), (333, 1920, 200),
+          (3200, 1280, 3840), (5000, 6144, 1536), (12800, 1024, 1024)]
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+def test_cutlass_gemm_matches_reference(sm90, M, K, N):
+    x, step, zero, weight, bias = make_layer(M, K, N, bits=8, seed=M + N)
+    xq, act_zero = kernels.quantize_rows(x, step, zero, 8)
+    exact = kernels.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias, torch.float32,
+                                backend="int_mm")
+    for out_dtype, half_ulp in ((torch.bfloat16, BF16_HALF_ULP), (torch.float16, FP16_HALF_ULP)):
+        out = kernels.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias, out_dtype)
+        assert out.dtype == out_dtype
+        assert_within_rounding(out, exact, half_ulp)
+
+
+@pytest.mark.parametrize("config", range(7))
+def test_every_tile_config_matches_reference(sm90, config):
+    names = sm90.sm90_configs()
+    assert len(names) == 7
+    for M, K, N in [(77, 1024, 3072), (1000, 3072, 768), (4099, 1536, 1544)]:
+        x, step, zero, weight, bias = make_layer(M, K, N, bits=8, per_row=True, seed=config)
+        xq, act_zero = kernels.quantize_rows(x, step, zero, 8)
+        exact = reference.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias,
+                                      torch.float32)
+        out = sm90.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias, torch.bfloat16,
+                               config)
+        assert_within_rounding(out, exact, BF16_HALF_ULP)
+
+
+@pytest.mark.parametrize("bits,per_row,bias", [(8, False, True), (8, True, False), (6, True, True), (4, False, False)])
+def test_quantized_linear_matches_fake_quant(sm90, bits, per_row, bias):
+    M, K, N = 1200, 1280, 3840
+    x, step, zero, weight, b = make_layer(M, K, N, bits, per_row, bias)
+    out = kernels.quantized_linear(x, step, zero, bits, weight.wq, weight.w_scale, weight.wsum, b)
+    assert out.dtype == torch.bfloat16
+    exact = kernels.quantized_linear(x, step, zero, bits, weight.wq, weight.w_scale, weight.wsum, b,
+                                     out_dtype=torch.float32, backend="reference")
+    assert_within_rounding(out, exact, BF16_HALF_ULP)
+    q = (torch.round(x.float() / step[:, None]) + zero[:, None]).clamp(0, 2**bits - 1)
+    fake = (step[:, None] * (q - zero[:, None])).double() @ (weight.w_scale[:, None] * weight.wq).double().t()
+    fake = fake + (b.double() if b is not None else 0)
+    assert (torch.linalg.norm(out.double() - fake) / torch.linalg.norm(fake)).item() < 4e-3
+
+
+def test_int_mm_backend_matches_reference(extension):
+    x, step, zero, weight, bias = make_layer(300, 2048, 1024, per_row=True)
+    xq, act_zero = kernels.quantize_rows(x, step, zero, 8)
+    exact = reference.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias, torch.float32)
+    for out_dtype, half_ulp in ((torch.bfloat16, BF16_HALF_ULP), (torch.float16, FP16_HALF_ULP),
+                                (torch.float32, 1e-6)):
+        out = kernels.int8_linear(xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias, out_dtype,
+                                  backend="int_mm")
+        assert_within_rounding(out, exact, half_ulp)
+
+
+def test_leading_dims_views_and_small_m(sm90):
+    x, step, zero, weight, bias = make_layer(2 * 3 * 8, 512, 256)
+    x3 = x.reshape(2, 3, 8, 512)
+    out = kernels.quantized_linear(x3, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    assert out.shape == (2, 3, 8, 256)
+    flat = kernels.quantized_linear(x, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    assert torch.equal(out.reshape(-1, 256), flat)
+    # an offset view (not 16-byte aligned) is copied, not misread
+    wide = torch.zeros(48, 520, dtype=x.dtype, device="cuda")
+    wide[:, 8:] = x
+    view_out = kernels.quantized_linear(wide[:, 8:], step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    assert torch.equal(view_out, flat)
+
+
+def test_cuda_graph_capture(sm90):
+    x, step, zero, weight, bias = make_layer(640, 1024, 3072)
+    args = (step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    expected = kernels.quantized_linear(x, *args)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.quantized_linear(static_x, *args)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernels.quantized_linear(static_x, *args)
+    static_x.copy_(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, expected)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, kernels.quantized_linear(x2, *args))
+
+
+def test_torch_compile_fullgraph(sm90):
+    x, step, zero, weight, bias = make_layer(256, 1024, 1024)
+    layer = torch.compile(kernels.quantized_linear, fullgraph=True)
+    out = layer(x, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    assert torch.equal(out, kernels.quantized_linear(x, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias))
+
+
+def test_backend_reporting(extension):
+    archs = extension.compiled_archs()
+    assert len(archs) >= 1 and all(a >= 500 for a in archs)
+    expected = "cutlass_sm90" if torch.cuda.get_device_capability() == (9, 0) and 900 in archs else "int_mm"
+    assert kernels.active_backend() == expected
+    assert kernels.active_backend("cpu") == "reference"
