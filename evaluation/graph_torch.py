@@ -47,10 +47,11 @@ def legacy_resize_bilinear(images: torch.Tensor, size: tuple[int, int], align_co
     """
     y0, y1, dy = _resize_taps(images.shape[1], size[0], align_corners, images.device)
     x0, x1, dx = _resize_taps(images.shape[2], size[1], align_corners, images.device)
-    dx = dx[:, None]
-    top_rows, bottom_rows = images[:, y0], images[:, y1]
-    top = top_rows[:, :, x0] + (top_rows[:, :, x1] - top_rows[:, :, x0]) * dx
-    bottom = bottom_rows[:, :, x0] + (bottom_rows[:, :, x1] - bottom_rows[:, :, x0]) * dx
+    # Lerp along x on every source row first: the rows then picked for top and bottom hold exactly
+    # TF's per-pixel values, and the work scales with the (smaller) source height.
+    left, right = images.index_select(2, x0), images.index_select(2, x1)
+    columns = left + (right - left) * dx[:, None]
+    top, bottom = columns.index_select(1, y0), columns.index_select(1, y1)
     return top + (bottom - top) * dy[:, None, None]
 
 

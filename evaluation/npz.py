@@ -95,7 +95,7 @@ class NpzImages:
         n = self.info.num_images
         if self._array is not None:
             for start in range(0, n, batch_size):
-                yield np.ascontiguousarray(self._array[start:start + batch_size])
+                yield np.array(self._array[start:start + batch_size], order="C")  # a copy: reads the file here
             return
         item_bytes = int(np.prod(self.info.shape[1:])) * self.info.dtype.itemsize
         with self._zip.open(f"{self.key}.npy") as f:

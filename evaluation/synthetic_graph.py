@@ -129,11 +129,12 @@ class _RandomInception:
         fan_in = kh * kw * cin
         w = self.rng.standard_normal((kh, kw, cin, cout), dtype=np.float32) * np.float32(math.sqrt(2 / fan_in))
         # Batch-norm statistics near those of the calibration activations (else most units die).
-        conv = self.b.values[x]
-        conv = OPS["Conv2D"](NodeDef("calibration", "Conv2D", attr={"strides": [1, stride, stride, 1],
-                                                                     "padding": padding}),
-                             [conv, torch.from_numpy(w)])()
-        mean, var = conv.mean(dim=(0, 1, 2)).numpy(), conv.var(dim=(0, 1, 2)).numpy()
+        mean, var = np.zeros(cout, np.float32), np.ones(cout, np.float32)
+        if x in self.b.values:
+            conv = OPS["Conv2D"](NodeDef("calibration", "Conv2D", attr={"strides": [1, stride, stride, 1],
+                                                                         "padding": padding}),
+                                 [self.b.values[x], torch.from_numpy(w)])()
+            mean, var = conv.mean(dim=(0, 1, 2)).numpy(), conv.var(dim=(0, 1, 2)).numpy()
         bn = {"moving_mean": mean + self.rng.normal(0, 0.1, cout) * np.sqrt(var),
               "moving_variance": var * self.rng.uniform(0.8, 1.2, cout) + 1e-3,
               "beta": self.rng.normal(0, 0.2, cout), "gamma": self.rng.uniform(0.8, 1.2, cout)}
@@ -203,16 +204,18 @@ def _out_size(size: int, kernel: int, stride: int, padding: str) -> int:
 
 
 def inception_graph_def(width: float = 1.0, image_size: int = 299, num_classes: int = 1008,
-                        seed: int = 0, calibration_images: np.ndarray | None = None) -> GraphDef:
+                        seed: int = 0, calibration_images: np.ndarray | None = None,
+                        calibrate: bool = True) -> GraphDef:
     """Inception-v3 in the 2015 graph's layout with random weights (width=1, 299: the real shapes).
 
     Batch-norm statistics are set from the activations of `calibration_images` (uint8 NHWC; default:
-    eight 64x64 uniform-noise images), so the random network keeps its units alive.
+    eight 64x64 uniform-noise images), so the random network keeps its units alive; calibrate=False
+    skips that (unit statistics; fast, for layout checks).
     """
     rng = np.random.default_rng(seed)
-    if calibration_images is None:
+    if calibration_images is None and calibrate:
         calibration_images = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
-    b = GraphBuilder(calibration_images)
+    b = GraphBuilder(calibration_images if calibrate else None)
     net = _RandomInception(b, width, rng)
     x = b.preprocessing(image_size)
     net.channels[x], net.size[x] = 3, image_size
@@ -235,7 +238,10 @@ def inception_graph_def(width: float = 1.0, image_size: int = 299, num_classes: 
     pool3 = b.node("pool_3", "AvgPool", [x], T=FLOAT, ksize=[1, net.size[x], net.size[x], 1],
                    strides=[1, 1, 1, 1], padding="VALID")
     dims = net.channels[x]
-    weights = rng.standard_normal((dims, num_classes), dtype=np.float32) * np.float32(1 / math.sqrt(dims))
+    # Logits of standard deviation ~1 on the calibration images: a finite float32 softmax (no 0 * log 0).
+    pool_rms = float(b.values[pool3].pow(2).mean().sqrt()) if pool3 in b.values else 1.0
+    weights = rng.standard_normal((dims, num_classes), dtype=np.float32) * np.float32(
+        1 / (pool_rms * math.sqrt(dims)))
     b.softmax_head(pool3, dims, weights, rng.normal(0, 1, num_classes))
     return b.graph()
 
@@ -244,14 +250,16 @@ def inception_graph_def(width: float = 1.0, image_size: int = 299, num_classes: 
 # Closed-form stand-in
 
 
-def analytic_graph_def(num_classes: int = 1008, pool_dims: int = 2048) -> GraphDef:
+def analytic_graph_def(num_classes: int = 1008, pool_dims: int = 2048, image_size: int = 299) -> GraphDef:
     """pool_3 = mean over pixels and colours of (x - 128) / 128, tiled to pool_dims;
     mixed_6/conv = ReLU((x - 128) / 128) of a 17x17 grid, channel k = colour k mod 3 (192 channels);
-    softmax logits = first num_classes pool dims (+ a non-uniform bias the IS must not use)."""
+    softmax logits = first num_classes pool dims (+ a non-uniform bias the IS must not use).
+    A smaller image_size (>= 17) only makes the resize cheaper; constant images give the same outputs."""
     b = GraphBuilder()
-    x = b.preprocessing(299)
-    grid = b.node("standin/grid", "AvgPool", [x], T=FLOAT, ksize=[1, 17, 17, 1], strides=[1, 17, 17, 1],
-                  padding="VALID")  # 299 -> 17x17 cells (the last 10 rows/columns are dropped)
+    x = b.preprocessing(image_size)
+    cell = image_size // 17  # 299 -> 17x17 cells of 17 pixels (the last 10 rows/columns are dropped)
+    grid = b.node("standin/grid", "AvgPool", [x], T=FLOAT, ksize=[1, cell, cell, 1],
+                  strides=[1, cell, cell, 1], padding="VALID")
     tile = (np.arange(192)[None, :] % 3 == np.arange(3)[:, None]).astype(np.float32)[None, None]
     identity_bn = {"moving_mean": np.zeros(192), "moving_variance": np.ones(192), "beta": np.zeros(192),
                    "gamma": np.ones(192), "epsilon": 0.0}

@@ -1,16 +1,17 @@
 """Loads the compiled extension kernels/_C*.so (built by kernels/setup.py) if present, registers the meta
-("fake") implementations of its ops for torch.compile, and answers which of its kernels run on a device."""
-import functools
+("fake") implementations of its ops for torch.compile, and answers which of its kernels run on a device.
+
+Facts are cached in a plain dict rather than functools.lru_cache so that torch.compile traces through them.
+"""
 from pathlib import Path
 
 import torch
 
 NAMESPACE = "ptq4arvg_kernels"
+_cache: dict = {}
 
 
-@functools.lru_cache(maxsize=None)
-def load_error() -> str | None:
-    """None once the extension is loaded, else why it is not available."""
+def _load() -> str | None:
     if torch.version.cuda is None:
         return "this PyTorch build has no CUDA"
     libraries = sorted(Path(__file__).parent.glob("_C*.so"))
@@ -21,7 +22,16 @@ def load_error() -> str | None:
     except (OSError, RuntimeError) as error:
         return f"could not load {libraries[0].name}: {error}"
     _register_fakes()
+    _cache["archs"] = tuple(ops().compiled_archs())
+    _cache["configs"] = tuple(ops().sm90_configs())
     return None
+
+
+def load_error() -> str | None:
+    """None once the extension is loaded, else why it is not available."""
+    if "error" not in _cache:
+        _cache["error"] = _load()
+    return _cache["error"]
 
 
 def loaded() -> bool:
@@ -38,7 +48,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape, dtype=torch.int8), zero_point.new_empty(zero_point.shape)
 
     @torch.library.register_fake(f"{NAMESPACE}::int8_linear")
-    def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config=-1):
+    def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config):
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake(f"{NAMESPACE}::dequantize_int32")
@@ -46,26 +56,35 @@ def _register_fakes() -> None:
         return acc.new_empty(acc.shape, dtype=out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_archs() -> tuple[int, ...]:
     """Architectures of the extension's machine code, as nvcc numbers them (e.g. (900,) for sm_90a)."""
-    return tuple(ops().compiled_archs()) if loaded() else ()
+    return _cache["archs"] if loaded() else ()
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def sm90_configs() -> tuple[str, ...]:
+    """Names of the sm_90a GEMM tile configurations, in the order the int8_linear op indexes them."""
+    return _cache["configs"] if loaded() else ()
 
 
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, multiprocessor count) of a CUDA device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = ("device", index)
+    if key not in _cache:
+        props = torch.cuda.get_device_properties(index)
+        _cache[key] = ((props.major, props.minor), props.multi_processor_count)
+    return _cache[key]
+
+
+def sm_count(device: torch.device) -> int:
+    return _device_facts(device)[1]
 
 
 def runs_elementwise(device: torch.device) -> bool:
     """Whether the quantize / dequantize kernels have machine code for this device (same major, lower minor)."""
     if device.type != "cuda" or not loaded():
         return False
-    major, minor = _capability(_device_index(device))
+    major, minor = _device_facts(device)[0]
     return any(arch // 100 == major and (arch % 100) // 10 <= minor for arch in compiled_archs())
 
 
@@ -73,4 +92,4 @@ def runs_sm90_gemm(device: torch.device) -> bool:
     """Whether the CUTLASS sm_90a GEMMs run on this device (an H100/H200 and a build that includes 9.0a)."""
     if device.type != "cuda" or not loaded():
         return False
-    return _capability(_device_index(device)) == (9, 0) and 900 in compiled_archs()
+    return _device_facts(device)[0] == (9, 0) and 900 in compiled_archs()

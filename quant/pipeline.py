@@ -170,15 +170,15 @@ def _collect(model: nn.Module, adapter: Adapter, specs: Iterable[LayerSpec], cal
              desc: str, progress: bool) -> dict[str, Any]:
     """Run the calibration set with quantization off and feed each layer's transformed input (sink tokens
     excluded) to a statistic object."""
-    # Sink tokens get their own STWQ group, so they are kept out of the transform statistics; with a
-    # per-tensor activation quantizer they share the range and must be counted.
-    sink_tokens = adapter.sink_tokens if recipe.token_wise else 0
     stats, handles = {}, []
     for spec in specs:
         layer = model.get_submodule(spec.path)
         stats[spec.path] = stat = make(spec, layer)
+        # Sink tokens with their own STWQ group are kept out of the transform statistics; when the layer's
+        # activation quantizer is per tensor they share its range and must be counted.
+        sink_tokens = adapter.sink_tokens if recipe.token_wise and spec.token_groups is not None else 0
 
-        def hook(module, inputs, output, stat=stat):
+        def hook(module, inputs, output, stat=stat, sink_tokens=sink_tokens):
             keep = token_mask(positions, output.shape[-2], sink_tokens, output.device)
             stat.update(gather_tokens(output, keep))
 

@@ -162,11 +162,29 @@ def test_cuda_graph_capture(sm90):
     assert torch.equal(static_out, kernels.quantized_linear(x2, *args))
 
 
-def test_torch_compile_fullgraph(sm90):
+def test_ops_pass_opcheck(sm90):
+    x, step, zero, weight, bias = make_layer(96, 512, 256, per_row=True)
+    torch.library.opcheck(sm90.quantize_rows, (x, step, zero, 8))
+    xq, act_zero = sm90.quantize_rows(x, step, zero, 8)
+    torch.library.opcheck(sm90.int8_linear, (xq, weight.wq, step, act_zero, weight.w_scale, weight.wsum, bias,
+                                             torch.bfloat16, 0))
+    acc = torch._int_mm(xq, weight.wq.t())
+    torch.library.opcheck(sm90.dequantize_int32, (acc, step, act_zero, weight.w_scale, weight.wsum, None,
+                                                  torch.float16))
+
+
+def test_torch_compile(sm90):
     x, step, zero, weight, bias = make_layer(256, 1024, 1024)
-    layer = torch.compile(kernels.quantized_linear, fullgraph=True)
-    out = layer(x, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
-    assert torch.equal(out, kernels.quantized_linear(x, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias))
+    args = (step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+    expected = kernels.quantized_linear(x, *args)
+
+    def raw_layer(x, step, zero, wq, w_scale, wsum, bias):  # the ops alone trace into one graph
+        xq, act_zero = sm90.quantize_rows(x, step, zero, 8)
+        return sm90.int8_linear(xq, wq, step, act_zero, w_scale, wsum, bias, torch.bfloat16, 2)
+
+    raw = torch.compile(raw_layer, fullgraph=True)(x, step, zero, weight.wq, weight.w_scale, weight.wsum, bias)
+    assert_within_rounding(raw, expected.float(), BF16_HALF_ULP)
+    assert torch.equal(torch.compile(kernels.quantized_linear)(x, *args), expected)
 
 
 def test_backend_reporting(extension):

@@ -11,7 +11,7 @@ using C = sm90::Config<Shape<_128, _128, _128>, Shape<_1, _1, _1>, sm90::schedul
 }  // namespace
 
 const Sm90GemmConfig& sm90_config_128x128_coop_streamk() {
-  static const Sm90GemmConfig config{"128x128_coop_streamk", 128, 128, true, &C::workspace_size, &C::run};
+  static const Sm90GemmConfig config{"128x128_coop_streamk", &C::workspace_size, &C::run};
   return config;
 }
 }  // namespace ptq4arvg

@@ -8,7 +8,7 @@ using C = sm90::Config<Shape<_128, _128, _128>, Shape<_2, _1, _1>, sm90::schedul
 }  // namespace
 
 const Sm90GemmConfig& sm90_config_128x128_pingpong_c2x1() {
-  static const Sm90GemmConfig config{"128x128_pingpong_c2x1", 128, 128, false, &C::workspace_size, &C::run};
+  static const Sm90GemmConfig config{"128x128_pingpong_c2x1", &C::workspace_size, &C::run};
   return config;
 }
 }  // namespace ptq4arvg

@@ -8,7 +8,7 @@ using C = sm90::Config<Shape<_256, _128, _128>, Shape<_1, _2, _1>, sm90::schedul
 }  // namespace
 
 const Sm90GemmConfig& sm90_config_256x128_coop_c1x2() {
-  static const Sm90GemmConfig config{"256x128_coop_c1x2", 256, 128, false, &C::workspace_size, &C::run};
+  static const Sm90GemmConfig config{"256x128_coop_c1x2", &C::workspace_size, &C::run};
   return config;
 }
 }  // namespace ptq4arvg

@@ -8,7 +8,7 @@ using C = sm90::Config<Shape<_64, _128, _128>, Shape<_1, _1, _1>, sm90::schedule
 }  // namespace
 
 const Sm90GemmConfig& sm90_config_64x128_pingpong() {
-  static const Sm90GemmConfig config{"64x128_pingpong", 64, 128, false, &C::workspace_size, &C::run};
+  static const Sm90GemmConfig config{"64x128_pingpong", &C::workspace_size, &C::run};
   return config;
 }
 }  // namespace ptq4arvg

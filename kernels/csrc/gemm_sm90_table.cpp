@@ -1,5 +1,8 @@
-// The sm_90a tile configurations, in the order the dispatcher (ops.cpp) and the benchmark index them.
+// The sm_90a tile configurations. Which one runs for a given shape is decided in Python (kernels/ops.py), which
+// passes its index to the int8_linear op.
 #include "launchers.h"
+
+#include <cutlass/version.h>
 
 namespace ptq4arvg {
 
@@ -24,20 +27,7 @@ constexpr Getter kConfigs[] = {
 };
 }  // namespace
 
-namespace {
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-}  // namespace
-
-// Tile configuration by problem shape: 64-row tiles while M is small, stream-K when even those leave most of
-// the SMs idle on a long K loop, 128x128 ping-pong for mid-size M, 256x128 cooperative for large M.
-int choose_sm90_config(int64_t M, int64_t N, int64_t K, int sm_count) {
-  if (M <= 256) {
-    const int64_t tiles = ceil_div(M, 64) * ceil_div(N, 128);
-    return (tiles * 2 < sm_count && K >= 2048) ? 6 : 0;
-  }
-  if (M <= 4096) return 2;
-  return 5;
-}
+int cutlass_version() { return CUTLASS_VERSION; }
 
 int sm90_config_count() { return static_cast<int>(sizeof(kConfigs) / sizeof(kConfigs[0])); }
 const Sm90GemmConfig& sm90_config(int index) { return kConfigs[index](); }

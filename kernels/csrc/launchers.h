@@ -65,18 +65,17 @@ struct Int8GemmArgs {
 
 // One sm_90a tile configuration. Both functions return nullptr on success or a static error message.
 struct Sm90GemmConfig {
-  const char* name;
-  int tile_m, tile_n;
-  bool stream_k;
+  const char* name;  // <tile M>x<tile N>_<kernel schedule>[_<cluster>|_streamk]
   size_t (*workspace_size)(const Int8GemmArgs&);
   const char* (*run)(const Int8GemmArgs&, void* workspace, cudaStream_t);
 };
 
-// The config table, in the order the dispatcher indexes it (gemm_sm90_configs.cu).
+// The configuration table (gemm_sm90_table.cpp); the int8_linear op takes an index into it.
 int sm90_config_count();
 const Sm90GemmConfig& sm90_config(int index);
-// The index of the configuration used for a problem when none is requested.
-int choose_sm90_config(int64_t M, int64_t N, int64_t K, int sm_count);
+
+// CUTLASS_VERSION of the headers the GEMMs were built with (e.g. 420 for 4.2.0).
+int cutlass_version();
 
 // Architectures the CUDA code was compiled for (nvcc's __CUDA_ARCH_LIST__, e.g. {900}).
 int compiled_arch_count();

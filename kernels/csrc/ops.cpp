@@ -155,8 +155,8 @@ at::Tensor int8_linear(const at::Tensor& xq_in, const at::Tensor& wq_in, const a
   a.K = static_cast<int>(K);
   a.device = device;
   a.sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
-  if (config < 0) config = choose_sm90_config(M, N, K, a.sm_count);
-  TORCH_CHECK(config < sm90_config_count(), "config must be -1 (automatic) or below ", sm90_config_count());
+  TORCH_CHECK(config >= 0 && config < sm90_config_count(), "config must index sm90_configs() (0 to ",
+              sm90_config_count() - 1, "), got ", config);
   const Sm90GemmConfig& cfg = sm90_config(static_cast<int>(config));
 
   const size_t workspace_bytes = cfg.workspace_size(a);
@@ -203,9 +203,7 @@ std::vector<std::string> sm90_configs() {
   return names;
 }
 
-int64_t sm90_auto_config(int64_t M, int64_t N, int64_t K, int64_t sms) {
-  return choose_sm90_config(M, N, K, static_cast<int>(sms));
-}
+int64_t cutlass_version_op() { return cutlass_version(); }
 
 }  // namespace
 }  // namespace ptq4arvg
@@ -213,12 +211,12 @@ int64_t sm90_auto_config(int64_t M, int64_t N, int64_t K, int64_t sms) {
 TORCH_LIBRARY(ptq4arvg_kernels, m) {
   m.def("quantize_rows(Tensor x, Tensor step, Tensor zero_point, int bits) -> (Tensor, Tensor)");
   m.def("int8_linear(Tensor xq, Tensor wq, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
-        "Tensor? bias, ScalarType out_dtype, int config=-1) -> Tensor");
+        "Tensor? bias, ScalarType out_dtype, int config) -> Tensor");
   m.def("dequantize_int32(Tensor acc, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
         "Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("compiled_archs() -> int[]", &ptq4arvg::compiled_archs);
   m.def("sm90_configs() -> str[]", &ptq4arvg::sm90_configs);
-  m.def("sm90_auto_config(int M, int N, int K, int sms) -> int", &ptq4arvg::sm90_auto_config);
+  m.def("cutlass_version() -> int", &ptq4arvg::cutlass_version_op);
 }
 
 TORCH_LIBRARY_IMPL(ptq4arvg_kernels, CUDA, m) {
