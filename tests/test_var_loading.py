@@ -41,7 +41,7 @@ def test_missing_and_unexpected_keys_are_listed(tiny_state):
         check_state_dict(var, bad, '/ckpt/var_d16.pth')
     msg = str(info.value)
     assert '/ckpt/var_d16.pth' in msg
-    assert 'missing keys: blocks.1.ada_lin.1.bias' in msg and '(11 in total)' in msg
+    assert 'missing keys: blocks.1.ada_lin.1.bias' in msg and '(13 in total)' in msg
     assert 'unexpected keys: extra.0, extra.1, extra.2, extra.3, extra.4, ... (7 in total)' in msg
     assert 'fix:' in msg
 
