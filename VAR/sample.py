@@ -21,8 +21,7 @@ import torch
 
 from sampling import LABEL_ORDERS, SamplingRun, class_labels, device_for_rank, rank_info_from_env, run_sampling
 
-from .loading import load_var
-from .presets import PRESETS, create, get_preset
+from .cli import add_model_args, load_models
 from .sampling import AUTOCAST_DTYPES, RECIPE, SamplingRecipe, make_sample_fn
 
 
@@ -43,22 +42,23 @@ def parse_classes(spec: Optional[str], num_classes: int) -> List[int]:
     return classes
 
 
-def apply_quant_state(var, path: Path) -> None:
+def apply_quant_state(var, path: Path):
+    """Quantize `var` in place with the state saved by `VAR.quantize` (quant.io.load_quantized)."""
     try:
         from quant.io import load_quantized
+
+        from .adapter import var_adapter
     except ImportError as err:
-        raise SystemExit(f'--quant-state needs quant.io.load_quantized, which is not available in this installation '
-                         f'({err}); update the ptq4arvg package, or sample without --quant-state') from err
-    load_quantized(var, path)
+        raise SystemExit(f'--quant-state needs quant.io.load_quantized and VAR.adapter, which are not available in this '
+                         f'installation ({err}); update the ptq4arvg package, or sample without --quant-state') from err
+    if not Path(path).is_file():
+        raise SystemExit(f'--quant-state {path} not found: create it with python -m VAR.quantize')
+    return load_quantized(var, var_adapter(var), path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', default=None, choices=sorted(PRESETS), help='model preset (default var_d16)')
-    p.add_argument('--depth', type=int, choices=(16, 20, 24, 30), help='shorthand for --preset var_d{depth}')
-    p.add_argument('--ckpt-dir', type=Path, help='folder holding var_d*.pth and vae_ch160v4096z32.pth '
-                                                 '(default: download from Hugging Face FoundationVision/var)')
-    p.add_argument('--random-weights', action='store_true', help='skip the checkpoints; deterministic random weights')
+    add_model_args(p)
     p.add_argument('--quant-state', type=Path, help='quantized state saved by the quantization step')
     p.add_argument('--out', type=Path, required=True, help='run folder (shards, samples.npz, grid.png)')
     p.add_argument('--per-class', type=int, default=50)
@@ -72,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--top-k', type=int, default=RECIPE.top_k)
     p.add_argument('--top-p', type=float, default=RECIPE.top_p)
     p.add_argument('--dtype', choices=sorted(AUTOCAST_DTYPES), help='autocast precision (default fp16 on GPU, fp32 on CPU)')
-    p.add_argument('--device', help='default: cuda:LOCAL_RANK if available, else cpu')
     p.add_argument('--max-batches', type=int, help='stop after this many new batches (rerun to continue)')
     p.add_argument('--grid', type=int, default=64, help='images in grid.png')
     p.add_argument('--no-progress', action='store_true')
@@ -81,29 +80,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.preset and args.depth:
-        raise SystemExit('give either --preset or --depth, not both')
-    preset = get_preset(args.preset or f'var_d{args.depth or 16}')
     rank = rank_info_from_env()
-    device = torch.device(args.device or device_for_rank(rank))
+    device = torch.device(args.device or device_for_rank(rank))   # cuda:LOCAL_RANK under torchrun
+    var, vae, preset_name, random_weights = load_models(args, device)
     dtype = args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')
-
-    random_weights = args.random_weights or not preset.checkpoint
-    if random_weights:
-        var, vae = create(preset.name, device=device, seed=args.seed)
-    else:
-        var, vae = load_var(preset.var.depth, ckpt_dir=args.ckpt_dir, device=device)
     if args.quant_state is not None:
         apply_quant_state(var, args.quant_state)
 
-    labels = class_labels(args.per_class, parse_classes(args.classes, preset.var.num_classes), args.label_order)
+    labels = class_labels(args.per_class, parse_classes(args.classes, var.num_classes), args.label_order)
     if args.num_images is not None:
         labels = labels[:args.num_images]
     recipe = SamplingRecipe(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
     run = SamplingRun(
         out_dir=args.out, labels=labels, batch_size=args.batch_size, seed=args.seed,
         reseed_each_batch=args.official_reseed, grid_images=args.grid,
-        description={'family': 'VAR', 'preset': preset.name, 'weights': 'random' if random_weights else 'released',
+        description={'family': 'VAR', 'preset': preset_name,
+                     'weights': f'random (seed {args.weights_seed})' if random_weights else 'released',
                      'quant_state': str(args.quant_state) if args.quant_state else None, 'dtype': dtype,
                      'cfg': recipe.cfg, 'top_k': recipe.top_k, 'top_p': recipe.top_p, 'label_order': args.label_order})
     npz = run_sampling(make_sample_fn(var, vae, recipe, dtype), run, rank=rank, max_new_batches=args.max_batches,

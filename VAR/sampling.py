@@ -34,6 +34,7 @@ class SamplingRecipe:
 RECIPE = SamplingRecipe()
 
 AUTOCAST_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16, 'fp32': None}
+DECODE_CHUNK = 25   # images decoded at once: keeps the 256x256 decoder below the KV cache's memory at batch 100
 
 
 @dataclass
@@ -88,8 +89,8 @@ def sample_with_top_k_top_p(logits_BlV: torch.Tensor, top_k: int = 0, top_p: flo
 def autoregressive_infer_cfg(var: VAR, vae: VQVAE, label_B: torch.LongTensor, *, cfg: float = RECIPE.cfg,
                              top_k: int = RECIPE.top_k, top_p: float = RECIPE.top_p,
                              rng: Optional[torch.Generator] = None, forced_idx_BL: Optional[torch.Tensor] = None,
-                             on_scale: Optional[Callable[[ScaleStep], None]] = None,
-                             reuse_ada_lin: bool = True, decode: bool = True) -> Generation:
+                             on_scale: Optional[Callable[[ScaleStep], None]] = None, reuse_ada_lin: bool = True,
+                             decode: bool = True, decode_chunk: Optional[int] = DECODE_CHUNK) -> Generation:
     """Generate B images of classes `label_B` (B,). Returns images in [0, 1] and the sampled ids.
 
     rng: the generator the draws come from (None: the global RNG, as the official code does without g_seed).
@@ -98,7 +99,24 @@ def autoregressive_infer_cfg(var: VAR, vae: VQVAE, label_B: torch.LongTensor, *,
     reuse_ada_lin: compute each block's `ada_lin(cond)` once per batch instead of once per scale (same values;
         turn off when something must observe every per-scale call of the `ada_lin` modules).
     decode: False skips the tokenizer decoder (`images` is then None).
+    decode_chunk: decode at most this many images at a time (None: all at once). Each image is decoded on its
+        own anyway; the chunks only bound the decoder's activation memory, which at 256x256 exceeds the KV cache.
     """
+    idx_BL, f_hat = _sample_tokens(var, vae, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin)
+    images = decode_f_hat(vae, f_hat, decode_chunk) if decode else None
+    return Generation(images=images, idx_BL=idx_BL, f_hat=f_hat)
+
+
+def decode_f_hat(vae: VQVAE, f_hat: torch.Tensor, chunk: Optional[int] = DECODE_CHUNK) -> torch.Tensor:
+    """f_hat (B, Cvae, H, W) -> images (B, 3, H', W') in [0, 1], as `vae.fhat_to_img(f_hat).add(1).mul(0.5)`."""
+    parts = f_hat.split(chunk) if chunk else (f_hat,)
+    images = [vae.fhat_to_img(part).add_(1).mul_(0.5) for part in parts]
+    return images[0] if len(images) == 1 else torch.cat(images)
+
+
+def _sample_tokens(var: VAR, vae: VQVAE, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin):
+    """The scale loop; returns (idx_BL, f_hat). Its large intermediates (logits, KV cache) are freed on return,
+    before the tokenizer decodes."""
     quantize = vae.quantize
     if tuple(quantize.v_patch_nums) != var.patch_nums:
         raise ValueError(f'generator patch_nums {var.patch_nums} != tokenizer v_patch_nums {quantize.v_patch_nums}')
@@ -136,9 +154,7 @@ def autoregressive_infer_cfg(var: VAR, vae: VQVAE, label_B: torch.LongTensor, *,
                 next_token_map = next_token_map.repeat(2, 1, 1)  # [cond; uncond] share the image so far
     finally:
         var.kv_caching(False)
-
-    images = vae.fhat_to_img(f_hat).add_(1).mul_(0.5) if decode else None
-    return Generation(images=images, idx_BL=torch.cat(idx_per_scale, dim=1), f_hat=f_hat)
+    return torch.cat(idx_per_scale, dim=1), f_hat
 
 
 def to_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,6 @@ class Encoder(nn.Module):
 
         in_ch_mult = (1,) + tuple(ch_mult)
         self.down = nn.ModuleList()
-        block_in = ch
         for i_level in range(self.num_resolutions):
             block, attn = nn.ModuleList(), nn.ModuleList()
             block_in, block_out = ch * in_ch_mult[i_level], ch * ch_mult[i_level]

@@ -399,9 +399,10 @@ def main() -> None:
               f"fp8 x{speedups(row, 'fp8_rowwise') or 0:.2f}  int_mm x{speedups(row, 'int_mm') or 0:.2f}  "
               f"torchao x{speedups(row, 'torchao') or 0:.2f}  [{row['auto_config']}] err {row['max_err_vs_exact']:.1e}"
               f"  ({time.time() - t0:.1f} s){'  FAILED: ' + str(row['failed']) if row['failed'] else ''}", flush=True)
-    results = dict(info=info, args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                   configs=configs, rows=rows, seconds=time.time() - started,
-                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        results = dict(info=info, args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                       configs=configs, rows=rows, seconds=time.time() - started,
+                       date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+        (args.out / "gemm.json").write_text(json.dumps(results, indent=1))  # kept up to date if interrupted
     info["nvidia_smi_after"] = gpu_info()["nvidia_smi"]
     (args.out / "gemm.json").write_text(json.dumps(results, indent=1))
     text = write_report(results, args.out)

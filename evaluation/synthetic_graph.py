@@ -272,3 +272,11 @@ def analytic_graph_def(num_classes: int = 1008, pool_dims: int = 2048, image_siz
     bias = np.linspace(-3, 3, num_classes).astype(np.float32)
     b.softmax_head(pool3, pool_dims, np.eye(pool_dims, num_classes, dtype=np.float32), bias)
     return b.graph()
+
+
+def standin_images(n: int, seed: int, height: int = 24, width: int = 32) -> np.ndarray:
+    """uint8 NHWC test images: a random colour per image plus noise, enough variety for full-rank
+    stand-in features (also good calibration images for `inception_graph_def`)."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    return np.clip(base + rng.integers(-40, 40, (n, height, width, 3)), 0, 255).astype(np.uint8)

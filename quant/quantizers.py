@@ -398,6 +398,8 @@ class LogSqrt2Quantizer(nn.Module):
         if not self.observing:
             return
         self.observing = False
+        if self._reservoir.rows is None:
+            return  # saw no data: stays uncalibrated (the caller reports it)
         samples = self._reservoir.rows.reshape(1, -1)
         ordered = samples.sort(dim=-1).values
         best = None

@@ -1,7 +1,7 @@
 """Recipes: small configuration objects naming a method and its options."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from .quantizers import DEFAULT_PERCENTILES, OFFICIAL_PERCENTILES, check_bits
@@ -46,7 +46,6 @@ class Recipe:
     max_samples: int = 2 ** 22
     zero_in_range: bool = False
     range_objective: Literal["output", "activation"] = "output"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

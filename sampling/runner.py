@@ -15,6 +15,7 @@ Under `torchrun`, batch i goes to rank i % WORLD_SIZE; rank 0 assembles the resu
 """
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +69,7 @@ def _check_settings(out_dir: Path, settings: dict) -> None:
             raise RunMismatchError(f'{out_dir} holds a run with other settings ({"; ".join(diffs)}); use another output '
                                    f'folder, or delete this one to start over')
         return
-    tmp = run_file.with_name(f'.{RUN_FILE}.tmp')
+    tmp = run_file.with_name(f'.{RUN_FILE}.tmp-{os.getpid()}')   # ranks may start together: one temp file each
     tmp.write_text(json.dumps(settings, indent=1))
     tmp.replace(run_file)
 

@@ -12,6 +12,15 @@ from evaluation.manifold import ManifoldEstimator, pairwise_distances, precision
 from evaluation.metrics import FIDStatistics, compute_statistics, inception_score, split_order_warning
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The stand-in networks are tiny: one thread is fastest and avoids oversubscribing shared CI cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_spd(d, rng, scale=1.0):
     a = rng.standard_normal((d, 2 * d))
     return scale * a @ a.T / (2 * d) + 0.1 * np.eye(d)

@@ -5,7 +5,7 @@ from torch import nn
 
 from VAR import presets
 from VAR.model import SelfAttention
-from VAR.sampling import ScaleStep, autoregressive_infer_cfg, make_rng
+from VAR.sampling import autoregressive_infer_cfg, make_rng
 
 torch.set_num_threads(1)
 

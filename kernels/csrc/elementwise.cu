@@ -30,15 +30,15 @@ struct alignas(sizeof(T) * N) Pack {
 template <class T>
 __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict__ out,
                                      int32_t* __restrict__ residual, RowParam<float> step,
-                                     RowParam<int32_t> zero, int64_t rows, int64_t vecs_per_row, int bits) {
+                                     RowParam<int32_t> zero, uint32_t total, uint32_t vecs_per_row, int bits) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Let the consuming GEMM be scheduled now; it waits (griddepcontrol.wait) for this grid to finish.
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
   constexpr int kVec = 8;
-  const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (v >= rows * vecs_per_row) return;
-  const int64_t row = v / vecs_per_row;
+  const uint32_t v = blockIdx.x * kThreads + threadIdx.x;  // 32-bit index math: cheap division (host checks the range)
+  if (v >= total) return;
+  const uint32_t row = v / vecs_per_row;
   const float s = step.ptr[step.per_row ? row : 0];
   const int32_t z = zero.ptr[zero.per_row ? row : 0];
   const int32_t qmax = (1 << bits) - 1;
@@ -60,12 +60,12 @@ __global__ void quantize_rows_kernel(const T* __restrict__ x, int8_t* __restrict
 // same operation order, applied to a finished int32 [M, N] tensor. One thread handles 4 columns.
 template <class T>
 __global__ void dequantize_kernel(const int32_t* __restrict__ acc, T* __restrict__ out, EpilogueArgs e,
-                                  int64_t M, int64_t vecs_per_row) {
+                                  uint32_t total, uint32_t vecs_per_row) {
   constexpr int kVec = 4;
-  const int64_t v = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (v >= M * vecs_per_row) return;
-  const int64_t m = v / vecs_per_row;
-  const int64_t n0 = (v % vecs_per_row) * kVec;
+  const uint32_t v = blockIdx.x * kThreads + threadIdx.x;
+  if (v >= total) return;
+  const uint32_t m = v / vecs_per_row;
+  const uint32_t n0 = (v - m * vecs_per_row) * kVec;
   const float sa = e.act_scale.ptr[e.act_scale.per_row ? m : 0];
   const int32_t za = e.act_zero.ptr ? e.act_zero.ptr[e.act_zero.per_row ? m : 0] : 0;
   const auto a = reinterpret_cast<const Pack<int32_t, kVec>*>(acc)[v];
@@ -79,45 +79,47 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ acc, T* __restrict
   reinterpret_cast<Pack<T, kVec>*>(out)[v] = y;
 }
 
-unsigned blocks_for(int64_t work) { return static_cast<unsigned>((work + kThreads - 1) / kThreads); }
+unsigned blocks_for(uint32_t work) { return (work + kThreads - 1) / kThreads; }
 
 }  // namespace
 
 void launch_quantize_rows(const QuantizeArgs& a, cudaStream_t stream) {
-  const int64_t vecs_per_row = a.cols / 8;
-  const unsigned blocks = blocks_for(a.rows * vecs_per_row);
+  const auto vecs_per_row = static_cast<uint32_t>(a.cols / 8);
+  const auto total = static_cast<uint32_t>(a.rows * vecs_per_row);
+  const unsigned blocks = blocks_for(total);
   if (blocks == 0) return;
   switch (static_cast<OutDtype>(a.in_dtype)) {
     case OutDtype::kBFloat16:
       quantize_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(a.x), a.out,
-                                                             a.residual, a.step, a.zero, a.rows, vecs_per_row, a.bits);
+                                                             a.residual, a.step, a.zero, total, vecs_per_row, a.bits);
       break;
     case OutDtype::kFloat16:
       quantize_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const __half*>(a.x), a.out, a.residual,
-                                                             a.step, a.zero, a.rows, vecs_per_row, a.bits);
+                                                             a.step, a.zero, total, vecs_per_row, a.bits);
       break;
     case OutDtype::kFloat32:
       quantize_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const float*>(a.x), a.out, a.residual,
-                                                             a.step, a.zero, a.rows, vecs_per_row, a.bits);
+                                                             a.step, a.zero, total, vecs_per_row, a.bits);
       break;
   }
 }
 
 void launch_dequantize(const DequantizeArgs& a, cudaStream_t stream) {
-  const int64_t vecs_per_row = a.N / 4;
-  const unsigned blocks = blocks_for(a.M * vecs_per_row);
+  const auto vecs_per_row = static_cast<uint32_t>(a.N / 4);
+  const auto total = static_cast<uint32_t>(a.M * vecs_per_row);
+  const unsigned blocks = blocks_for(total);
   if (blocks == 0) return;
   switch (a.out_dtype) {
     case OutDtype::kBFloat16:
-      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<__nv_bfloat16*>(a.out), a.epi, a.M,
+      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<__nv_bfloat16*>(a.out), a.epi, total,
                                                           vecs_per_row);
       break;
     case OutDtype::kFloat16:
-      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<__half*>(a.out), a.epi, a.M,
+      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<__half*>(a.out), a.epi, total,
                                                           vecs_per_row);
       break;
     case OutDtype::kFloat32:
-      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<float*>(a.out), a.epi, a.M,
+      dequantize_kernel<<<blocks, kThreads, 0, stream>>>(a.acc, static_cast<float*>(a.out), a.epi, total,
                                                           vecs_per_row);
       break;
   }

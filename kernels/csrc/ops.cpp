@@ -92,6 +92,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, const a
   const int64_t cols = x.size(-1);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
   TORCH_CHECK(cols % 8 == 0, "the last dimension of x must be a multiple of 8, got ", cols);
+  TORCH_CHECK(x.numel() / 8 < (int64_t{1} << 32), "x is too large for one quantize launch (", x.numel(),
+              " elements); split it along the rows");
   const c10::cuda::CUDAGuard guard(x.device());
   QuantizeArgs a;
   a.in_dtype = static_cast<int>(to_out_dtype(x.scalar_type()));
@@ -176,6 +178,7 @@ at::Tensor dequantize_int32(const at::Tensor& acc_in, const at::Tensor& act_scal
   const EpilogueTensors epi(act_scale, act_zero, w_scale, wsum, bias);
   TORCH_CHECK(acc.scalar_type() == at::kInt && acc.dim() == 2, "acc must be an int32 [M, N] tensor");
   TORCH_CHECK(acc.size(1) % 4 == 0, "N must be a multiple of 4, got ", acc.size(1));
+  TORCH_CHECK(acc.numel() / 4 < (int64_t{1} << 32), "acc is too large for one dequantize launch; split the rows");
   const c10::cuda::CUDAGuard guard(acc.device());
   const int64_t M = acc.size(0), N = acc.size(1);
   auto out = at::empty({M, N}, acc.options().dtype(out_dtype));
