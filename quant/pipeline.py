@@ -59,7 +59,7 @@ def _input_quantizer(spec: LayerSpec, recipe: Recipe, positions: TokenPositions)
 
 
 def _weight_quantizer(linear: nn.Linear, recipe: Recipe) -> UniformQuantizer:
-    return UniformQuantizer(recipe.w_bits, granularity=Granularity.OUT_CHANNEL, size=linear.out_features,
+    return UniformQuantizer(recipe.w_bits, recipe.w_symmetric, granularity=Granularity.OUT_CHANNEL, size=linear.out_features,
                             range_method=recipe.range_method, percentiles=recipe.percentiles,
                             zero_in_range=recipe.zero_in_range).to(linear.weight.device)
 

@@ -31,6 +31,8 @@ class Recipe:
     norm of the weight column it multiplies (a layer-output error proxy, the same one GPS is derived
     from), so ranges are not clipped on channels that smoothing made expensive; "activation" is the
     official plain activation MSE.
+    w_symmetric: symmetric weight grids (the official weights are asymmetric); makes 8-bit weights exact
+    on the INT8 kernels, whose weights are symmetric int8.
     """
 
     method: str = "ptq4arvg"
@@ -46,6 +48,7 @@ class Recipe:
     max_samples: int = 2 ** 22
     zero_in_range: bool = False
     range_objective: Literal["output", "activation"] = "output"
+    w_symmetric: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
