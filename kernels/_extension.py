@@ -66,25 +66,19 @@ def sm90_configs() -> tuple[str, ...]:
     return _cache["configs"] if loaded() else ()
 
 
-def _device_facts(device: torch.device) -> tuple[tuple[int, int], int]:
-    """(compute capability, multiprocessor count) of a CUDA device."""
+def _capability(device: torch.device) -> tuple[int, int]:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = ("device", index)
+    key = ("capability", index)
     if key not in _cache:
-        props = torch.cuda.get_device_properties(index)
-        _cache[key] = ((props.major, props.minor), props.multi_processor_count)
+        _cache[key] = torch.cuda.get_device_capability(index)
     return _cache[key]
-
-
-def sm_count(device: torch.device) -> int:
-    return _device_facts(device)[1]
 
 
 def runs_elementwise(device: torch.device) -> bool:
     """Whether the quantize / dequantize kernels have machine code for this device (same major, lower minor)."""
     if device.type != "cuda" or not loaded():
         return False
-    major, minor = _device_facts(device)[0]
+    major, minor = _capability(device)
     return any(arch // 100 == major and (arch % 100) // 10 <= minor for arch in compiled_archs())
 
 
@@ -92,4 +86,4 @@ def runs_sm90_gemm(device: torch.device) -> bool:
     """Whether the CUTLASS sm_90a GEMMs run on this device (an H100/H200 and a build that includes 9.0a)."""
     if device.type != "cuda" or not loaded():
         return False
-    return _device_facts(device)[0] == (9, 0) and 900 in compiled_archs()
+    return _capability(device) == (9, 0) and 900 in compiled_archs()

@@ -102,3 +102,17 @@ def test_state_for_another_depth_is_refused(tmp_path, tiny_calibration):
     other, _ = create("var_d16", device="meta")
     with pytest.raises(ValueError, match="different VAR model"):
         load_quantized(other, var_adapter(other), path)
+
+
+def test_recorded_ids_rebuild_the_sampler_block_inputs(tiny_calibration):
+    """The calibration set stores sampled ids; the teacher-forced input rebuilt from them is exactly the
+    concatenation of the per-scale token maps the sampler fed to block 0 (both CFG halves)."""
+    var, vae = create("var_tiny", seed=0)
+    idx = tiny_calibration.tensors["idx_BL"][:4]
+    labels = tiny_calibration.tensors["labels"][:4]
+    steps = []
+    autoregressive_infer_cfg(var, vae, labels, forced_idx_BL=idx, on_scale=steps.append, decode=False)
+    sampler_inputs = torch.cat([s.token_map for s in steps], dim=1)  # (2B, L, C), rows [cond; uncond]
+    rows = torch.cat([labels, torch.full_like(labels, var.num_classes)])
+    x_BLC, _ = var.teacher_forcing_input(rows, vae.quantize.idxBl_to_var_input(idx).repeat(2, 1, 1))
+    assert torch.allclose(sampler_inputs, x_BLC, atol=1e-6)
