@@ -102,6 +102,7 @@ def replay(model: nn.Module, adapter: Adapter, calibration: CalibrationSet, *, b
     """Run every calibration batch through the model (teacher forced) for the hooks and observers."""
     if adapter.replay is None:
         raise ValueError(f"the {adapter.family} adapter has no replay function: it cannot run a calibration set")
+    device = device or next(model.parameters()).device
     with stop_after(last_module):
         for batch in tqdm(calibration.batches(batch_size, device), total=-(-len(calibration) // batch_size),
                           desc=desc, disable=not progress, leave=False):

@@ -1,9 +1,12 @@
 """CPU tests of the kernels package: the exact reference path, the int8 convention, weights, errors."""
+from pathlib import Path
+
 import pytest
 import torch
 
 import kernels
-from kernels import reference
+from kernels import _extension, reference
+from kernels.ops import sm90_tile_config
 
 torch.manual_seed(0)
 
@@ -247,3 +250,34 @@ def test_clear_errors_for_unsupported_inputs():
         kernels.pack_weight(torch.zeros(8, 16), torch.full((8,), 0.5), torch.ones(8), 8)
     with pytest.raises(ValueError, match=r"\[0, 63\]"):
         kernels.pack_weight(torch.full((8, 16), 64), torch.zeros(8), torch.ones(8), 6)
+
+
+def test_sm90_tile_table_names_exist():
+    table = (Path(kernels.__file__).parent / "csrc" / "gemm_sm90_table.cpp").read_text()
+    for m, expected in [(1, "64x128_pingpong"), (200, "64x128_pingpong"), (256, "64x128_pingpong"),
+                        (257, "128x128_pingpong_c2x1"), (51200, "128x128_pingpong_c2x1")]:
+        assert sm90_tile_config(m) == expected
+        assert f"sm90_config_{expected}()" in table
+
+
+def test_cutlass_dispatch_passes_the_table_config(monkeypatch):
+    """The cutlass_sm90 path hands the op normalised parameters and the table's configuration index."""
+    configs = ("64x128_pingpong", "128x128_pingpong_c2x1")
+    calls = []
+
+    class FakeOps:
+        def int8_linear(self, xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config):
+            calls.append((tuple(xq.shape), tuple(act_scale.shape), act_zero.dtype, config))
+            return reference.int8_linear(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype)
+
+    monkeypatch.setattr(_extension, "runs_sm90_gemm", lambda device: True)
+    monkeypatch.setattr(_extension, "sm90_configs", lambda: configs)
+    monkeypatch.setattr(_extension, "ops", lambda: FakeOps())
+    weight = kernels.quantize_weight_symmetric(torch.randn(16, 32))
+    for rows, config in [(200, 0), (300, 1)]:
+        xq = torch.randint(-128, 128, (rows, 32), dtype=torch.int8)
+        out = kernels.int8_linear(xq, weight.wq, 0.5, torch.tensor(3), weight.w_scale, weight.wsum,
+                                  backend="cutlass_sm90")
+        expected = kernels.int8_linear(xq, weight.wq, 0.5, torch.tensor(3), weight.w_scale, weight.wsum)
+        assert torch.equal(out, expected)
+        assert calls[-1] == ((rows, 32), (1,), torch.int32, config)
