@@ -9,7 +9,7 @@ features of the reference images and the samples.
 from __future__ import annotations
 
 import contextlib
-import math
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -80,6 +80,9 @@ def evaluate(ref_path: str, sample_path: str, backend: FeatureBackend, batch_siz
         notes.append(message)
         warnings.warn(message, stacklevel=3)
 
+    for path, role in ((ref_path, "reference batch"), (sample_path, "sample batch")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{role} {path} not found")
     with NpzImages(ref_path) as ref_images, NpzImages(sample_path) as sample_images:
         ref_info, sample_info = ref_images.info, sample_images.info
         validate_images(ref_info, "reference")
@@ -126,6 +129,9 @@ def evaluate(ref_path: str, sample_path: str, backend: FeatureBackend, batch_siz
         order_message = split_order_warning(probabilities, is_split_size)
     if order_message:
         warn(order_message)
+    if not np.isfinite(score):
+        notes.append("Inception Score is NaN: float32 softmax probabilities underflow to 0 (0 * log 0), "
+                     "as in the reference evaluator")
     with timer("FID (sqrtm 2048)"):
         fid = _fid(sample_stats[0], ref_stats[0], "FID (pool_3)")
     with timer("sFID (sqrtm 2023)"):
@@ -140,5 +146,4 @@ def _fid(sample: FIDStatistics, ref: FIDStatistics, what: str) -> float:
     if np.shape(sample.mu) != np.shape(ref.mu):
         raise ValueError(f"{what}: sample statistics have {np.shape(sample.mu)} dims but the reference has "
                          f"{np.shape(ref.mu)}: the reference statistics were made with another network")
-    value = sample.frechet_distance(ref)
-    return value if math.isfinite(value) else float("nan")
+    return sample.frechet_distance(ref)

@@ -246,6 +246,7 @@ class GraphModule:
         self.input_names = [tensor_name(n) for n in inputs]
         self.output_names = [tensor_name(n) for n in outputs]
         self._consts: dict[str, torch.Tensor] = {}  # folded values, on the CPU
+        self._strings: set[str] = set()  # string constants (the JPEG bytes): known, but not usable
         self._runtime: set[str] = set(self.input_names)
         self._steps: list[tuple[str, Callable, list[str]]] = []
         for name in self.output_names:
@@ -266,7 +267,7 @@ class GraphModule:
         return [env[n] if n in env else self._consts[n].to(self.device) for n in self.output_names]
 
     def _known(self, name: str) -> bool:
-        return name in self._consts or name in self._runtime
+        return name in self._consts or name in self._runtime or name in self._strings
 
     def _compile(self, name: str) -> None:
         node_name, index = name.rsplit(":", 1)
@@ -290,15 +291,18 @@ class GraphModule:
         out_name = tensor_name(node.name)
         if node.op == "Const":
             value = node.attr["value"]
-            if value.dtype != object:  # string constants (the JPEG input) are never needed
+            if value.dtype == object:
+                self._strings.add(out_name)
+            else:
                 self._consts[out_name] = torch.from_numpy(np.array(value))
             return
+        args = [tensor_name(i) for i in node.data_inputs]
+        strings = [a for a in args if a in self._strings]
+        if strings:
+            raise NotImplementedError(f"node {node.name} ({node.op}) needs the string tensor {strings[0]}: feed "
+                                      f"the graph after its JPEG decoding, at ExpandDims:0")
         if node.op not in OPS:
             raise NotImplementedError(f"node {node.name}: op {node.op} is not supported by the torch converter")
-        args = [tensor_name(i) for i in node.data_inputs]
-        missing = [a for a in args if not self._known(a)]
-        if missing:
-            raise ValueError(f"node {node.name} needs {missing}, which are neither constants nor inputs")
         if all(a in self._consts for a in args):  # constant folding, on the CPU
             with torch.no_grad():
                 self._consts[out_name] = OPS[node.op](node, [self._consts[a] for a in args])()

@@ -65,4 +65,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (FileNotFoundError, ValueError, ImportError) as error:  # bad input or setup: no traceback
+        sys.exit(f"error: {error}")

@@ -169,6 +169,12 @@ def test_softmax_weights_are_the_matmul_input_without_bias(analytic_bytes):
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
 
 
+def test_jpeg_front_end_is_not_converted(analytic_bytes):
+    from evaluation.graph_torch import GraphModule
+    with pytest.raises(NotImplementedError, match="needs the string tensor DecodeJpeg/contents:0"):
+        GraphModule(parse_graph_def(analytic_bytes), [], ["pool_3:0"])
+
+
 def test_unsupported_op_is_reported(analytic_bytes):
     graph = parse_graph_def(analytic_bytes)
     next(n for n in graph.nodes if n.name == "Sub").op = "Erf"

@@ -1,6 +1,5 @@
 """Shared evaluator math against closed forms: Fréchet distance, Inception Score, Precision/Recall."""
 import math
-import warnings
 
 import numpy as np
 import pytest
