@@ -62,6 +62,10 @@ class SelfAttention(nn.Module):
         self.caching, self.cached_k, self.cached_v = False, None, None
         self.kv_capacity: Optional[int] = None
         self._kv_buffer: Optional[torch.Tensor] = None
+        # How the cache stores keys and values: None keeps the compute dtype; a codec (e.g.
+        # kernels.kv_cache.Int8KVCodec) stores them compressed: encode(k, v) -> stored pair,
+        # decode(stored_k, stored_v, dtype) -> (k, v).
+        self.kv_codec = None
 
     def kv_caching(self, enable: bool, max_len: Optional[int] = None):
         """Start (or stop) caching keys and values; clears the cache.
@@ -75,6 +79,12 @@ class SelfAttention(nn.Module):
         self._kv_buffer = None
 
     def _append_kv(self, k: torch.Tensor, v: torch.Tensor):
+        if self.kv_codec is None:
+            return self._store_kv(k, v)
+        stored_k, stored_v = self._store_kv(*self.kv_codec.encode(k, v))
+        return self.kv_codec.decode(stored_k, stored_v, k.dtype)
+
+    def _store_kv(self, k: torch.Tensor, v: torch.Tensor):
         if self.kv_capacity is None:
             if self.cached_k is not None:
                 k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)

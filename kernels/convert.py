@@ -22,6 +22,7 @@ from torch import nn
 from quant.modules import InputTransform, QuantLinear, QuantMatMul
 from quant.quantizers import Granularity
 
+from .kv_cache import Int8Codec, Int8KVCodec
 from .ops import quantized_linear
 from .weights import pack_weight
 
@@ -71,6 +72,8 @@ class Int8Linear(nn.Module):
         return self.act_step[group].expand(rows), self.act_zero[group].expand(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # the kernels replace an autocast F.linear
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x = self.input_transform(x)
         step, zero = self._row_params(x)
         # float64 (exactness tests on the CPU) quantizes like the kernels, in float32, and keeps a float64 output
@@ -87,6 +90,7 @@ class ConversionReport:
     rounded_zero_points: list[str] = field(default_factory=list)
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
+    int8_kv_modules: int = 0
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} linear layers to INT8; weights "
@@ -121,13 +125,33 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
 
 
-def convert(model: nn.Module, *, attention: str = "fake") -> ConversionReport:
+def install_int8_kv_cache(model: nn.Module) -> int:
+    """Give every attention module with a `kv_codec` hook point an INT8 cache built from its calibrated K and V
+    quantizers (the b operands of its `qk_matmul` and `av_matmul`). Returns how many modules got one."""
+    count = 0
+    for name, module in model.named_modules():
+        if not hasattr(module, "kv_codec"):
+            continue
+        qk, av = getattr(module, "qk_matmul", None), getattr(module, "av_matmul", None)
+        if not (isinstance(qk, QuantMatMul) and isinstance(av, QuantMatMul)):
+            raise ValueError(f"{name} has no quantized attention products to take K/V grids from: quantize with "
+                             f"quantize_attention=True to use an INT8 KV cache")
+        module.kv_codec = Int8KVCodec(Int8Codec.from_quantizer(qk.b_quantizer), Int8Codec.from_quantizer(av.b_quantizer))
+        count += 1
+    return count
+
+
+def convert(model: nn.Module, *, attention: str = "fake", kv_cache: str = "model") -> ConversionReport:
     """Replace the model's calibrated QuantLinear layers by Int8Linear, in place.
 
     attention: "fake" keeps the quantized attention products; "sdpa" restores the fused FP attention.
+    kv_cache: "model" leaves the KV cache in the compute dtype; "int8" stores it as the int8 codes of the
+    calibrated K/V quantizers (models with a `kv_codec` hook point, e.g. VAR).
     """
     if attention not in ("fake", "sdpa"):
         raise ValueError(f"attention must be 'fake' or 'sdpa', got {attention!r}")
+    if kv_cache not in ("model", "int8"):
+        raise ValueError(f"kv_cache must be 'model' or 'int8', got {kv_cache!r}")
     report = ConversionReport()
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, QuantLinear)]
     if not layers:
@@ -146,6 +170,8 @@ def convert(model: nn.Module, *, attention: str = "fake") -> ConversionReport:
             report.rounded_zero_points.append(name)
         _set_module(model, name, int8)
         report.converted.append(name)
+    if kv_cache == "int8":
+        report.int8_kv_modules = install_int8_kv_cache(model)
     if attention == "sdpa":
         for name, module in list(model.named_modules()):
             if getattr(module, "explicit_matmuls", False):

@@ -115,15 +115,21 @@ class Adapter:
             raise ValueError(f"{self.family} adapter does not match the model:\n  " + "\n  ".join(problems))
 
     def install_position_hook(self, model: nn.Module, positions: TokenPositions):
-        """Keep `positions` up to date on every forward of `positions_module`; returns the hook handle."""
+        """Keep `positions` up to date on every forward of `positions_module`; returns the hook handle.
+
+        The positions object and the function live on the hooked module (not in a closure), so a deep copy of
+        the model updates its own copy, the one its quantizers read.
+        """
         if self.positions_module is None or self.positions_fn is None:
             return None
         module = model.get_submodule(self.positions_module)
+        module.token_positions = positions
+        module.token_positions_fn = self.positions_fn
+        return module.register_forward_pre_hook(_update_token_positions, with_kwargs=True)
 
-        def set_positions(mod, args, kwargs):
-            positions.set(self.positions_fn(mod, args, kwargs))
 
-        return module.register_forward_pre_hook(set_positions, with_kwargs=True)
+def _update_token_positions(module: nn.Module, args, kwargs) -> None:
+    module.token_positions.set(module.token_positions_fn(module, args, kwargs))
 
 
 def sequence_positions(length_dim: int = 1) -> PositionsFn:

@@ -383,3 +383,26 @@ def test_inception_file_offline_message(tmp_path, monkeypatch):
         inception_path(download=False)
     with pytest.raises(FileNotFoundError, match="not found"):
         inception_path(tmp_path / "given.pb")
+
+
+# ------------------------------------------------------------------------------------------------
+# Golden values (real assets only)
+
+ADM_GUIDED_UPSAMPLED_256 = {"inception_score": 215.8370361328125, "fid": 3.9425574129223264,
+                            "sfid": 6.140433703346162, "precision": 0.8265, "recall": 0.5309}
+
+
+def test_golden_values_with_the_real_assets():
+    """The reference evaluator's published output for ADM-G+U 256 (a GPU run of 60k images)."""
+    assets = os.environ.get("PTQ4ARVG_EVAL_ASSETS")
+    if not assets:
+        pytest.skip("set PTQ4ARVG_EVAL_ASSETS to a folder holding classify_image_graph_def.pb, "
+                    "VIRTUAL_imagenet256_labeled.npz and admnet_guided_upsampled_imagenet256.npz")
+    folder = Path(assets)
+    backend = TorchBackend(read_graph_bytes(folder / INCEPTION_FILENAME))
+    metrics = evaluate(str(folder / "VIRTUAL_imagenet256_labeled.npz"),
+                       str(folder / "admnet_guided_upsampled_imagenet256.npz"), backend, progress=False)
+    for key in ("inception_score", "fid", "sfid"):
+        assert getattr(metrics, key) == pytest.approx(ADM_GUIDED_UPSAMPLED_256[key], rel=5e-3), key
+    for key in ("precision", "recall"):  # float16 distances: a few tenths of a point between kernels
+        assert getattr(metrics, key) == pytest.approx(ADM_GUIDED_UPSAMPLED_256[key], abs=0.01), key

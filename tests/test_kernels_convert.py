@@ -73,3 +73,28 @@ def test_var_tiny_converted_matches_fake_quant():
 def test_convert_refuses_an_unquantized_model():
     with pytest.raises(ValueError, match="quantize it with quant.quantize first"):
         convert(nn.Sequential(nn.Linear(16, 8)))
+
+
+def test_int8_kv_cache_matches_fake_quant_k_and_v():
+    """The INT8 cache stores exactly the fake-quant K and V codes: sampling gives the same logits."""
+    var, vae = create("var_tiny", seed=0)
+    labels = draw_labels(4, var.num_classes, seed=0, official=False)
+    raw = generate_raw_set(var, vae, labels, batch_size=4, seed=0, top_p=0.96, official_reseed=False, progress=False)
+    quantize(var, var_adapter(var), recipe("ptq4arvg", w_bits=8, a_bits=8, batch_size=8), raw, progress=False)
+    from VAR.sampling import autoregressive_infer_cfg
+    idx, lab = raw.tensors["idx_BL"][:2], raw.tensors["labels"][:2]
+    fake_steps, kv_steps = [], []
+    autoregressive_infer_cfg(var, vae, lab, forced_idx_BL=idx, on_scale=fake_steps.append, decode=False)
+    from kernels.convert import install_int8_kv_cache
+    assert install_int8_kv_cache(var) == var.depth
+    cache_dtypes = []
+
+    def record(step):
+        kv_steps.append(step)
+        cache_dtypes.append(var.blocks[0].attn.cached_k.dtype)
+
+    autoregressive_infer_cfg(var, vae, lab, forced_idx_BL=idx, on_scale=record, decode=False)
+    assert set(cache_dtypes) == {torch.int8}
+    fake = torch.cat([s.logits_BlV for s in fake_steps], 1)
+    kv = torch.cat([s.logits_BlV for s in kv_steps], 1)
+    assert (kv - fake).abs().max().item() <= 1e-4 * fake.abs().max().item()

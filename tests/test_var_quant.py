@@ -116,3 +116,18 @@ def test_recorded_ids_rebuild_the_sampler_block_inputs(tiny_calibration):
     rows = torch.cat([labels, torch.full_like(labels, var.num_classes)])
     x_BLC, _ = var.teacher_forcing_input(rows, vae.quantize.idxBl_to_var_input(idx).repeat(2, 1, 1))
     assert torch.allclose(sampler_inputs, x_BLC, atol=1e-6)
+
+
+def test_deep_copied_quantized_model_tracks_its_own_positions(tiny_calibration):
+    """A deep copy (e.g. before kernels.convert) must update the positions its own quantizers read."""
+    import copy
+    var, vae = create("var_tiny", seed=0)
+    quantize(var, var_adapter(var), recipe("sq+stwq", w_bits=6, a_bits=6, batch_size=8), tiny_calibration, progress=False)
+    clone = copy.deepcopy(var)
+    idx, labels = tiny_calibration.tensors["idx_BL"][:2], tiny_calibration.tensors["labels"][:2]
+    runs = {}
+    for name, model in (("original", var), ("clone", clone)):
+        steps = []
+        autoregressive_infer_cfg(model, vae, labels, forced_idx_BL=idx, on_scale=steps.append, decode=False)
+        runs[name] = torch.cat([s.logits_BlV for s in steps], 1)
+    assert torch.equal(runs["original"], runs["clone"])

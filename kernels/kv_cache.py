@@ -1,0 +1,49 @@
+"""INT8 KV cache: keys and values stored as int8 codes of the method's own per-tensor K and V quantizers.
+
+PTQ4ARVG already quantizes K (operand of q·kᵀ) and V (operand of p·v) per tensor with static (step, zero
+point); storing the cache as those codes halves its memory against bf16 and changes no numerics of the
+fake-quant model's K and V. At batch 100 with CFG the KV cache, not the weights, dominates VAR's memory.
+"""
+from __future__ import annotations
+
+import torch
+
+from quant.quantizers import UniformQuantizer
+
+from .reference import activation_offset
+
+
+class Int8Codec:
+    """One tensor's b-bit asymmetric grid stored in int8 as q − c (the activation convention of the kernels)."""
+
+    def __init__(self, step: torch.Tensor, zero_point: torch.Tensor, bits: int) -> None:
+        self.bits = bits
+        self.step = step.detach().float().reshape(())
+        self.zero = torch.round(zero_point.detach().float()).reshape(())
+        self.offset = activation_offset(self.zero, bits)
+
+    @classmethod
+    def from_quantizer(cls, quantizer: UniformQuantizer) -> "Int8Codec":
+        if quantizer is None or not quantizer.calibrated or quantizer.step.numel() != 1 or quantizer.symmetric:
+            raise ValueError("an INT8 KV cache needs calibrated per-tensor asymmetric K and V quantizers")
+        return cls(quantizer.step, quantizer.zero_point, quantizer.bits)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x.float() / self.step) + self.zero, 0, 2 ** self.bits - 1)
+        return (q - self.offset).to(torch.int8)
+
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return ((stored.float() + (self.offset - self.zero)) * self.step).to(dtype)
+
+
+class Int8KVCodec:
+    """The pair of codecs a VAR `SelfAttention.kv_codec` expects."""
+
+    def __init__(self, key: Int8Codec, value: Int8Codec) -> None:
+        self.key, self.value = key, value
+
+    def encode(self, k: torch.Tensor, v: torch.Tensor):
+        return self.key.encode(k), self.value.encode(v)
+
+    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
+        return self.key.decode(k, dtype), self.value.decode(v, dtype)
