@@ -137,8 +137,12 @@ def to_json_meta(mapping: Mapping[str, Any]) -> dict[str, Any]:
 
 @torch.no_grad()
 def dgc_features(model: nn.Module, adapter: Adapter, calibration: CalibrationSet, *, batch_size: int,
-                 device: torch.device | str | None = None, progress: bool = True) -> torch.Tensor:
-    """Token-0 output of the adapter's DGC feature module for every calibration sequence, [N, C]."""
+                 device: torch.device | str | None = None, progress: bool = True,
+                 pooling: str = "token0") -> torch.Tensor:
+    """Output of the adapter's DGC feature module for every calibration sequence, [N, C]: at token 0 (the
+    official feature) or averaged over all tokens (`pooling="mean"`)."""
+    if pooling not in ("token0", "mean"):
+        raise ValueError(f"pooling must be 'token0' or 'mean', got {pooling!r}")
     if adapter.dgc_feature_module is None:
         raise ValueError(f"the {adapter.family} adapter names no DGC feature module")
     module = model.get_submodule(adapter.dgc_feature_module)
@@ -146,7 +150,8 @@ def dgc_features(model: nn.Module, adapter: Adapter, calibration: CalibrationSet
 
     def grab(mod, inputs, output):
         output = output[0] if isinstance(output, tuple) else output
-        features.append(output[:, 0].detach().float().cpu())
+        pooled = output[:, 0] if pooling == "token0" else output.float().mean(1)
+        features.append(pooled.detach().float().cpu())
 
     handle = module.register_forward_hook(grab)
     try:
@@ -158,18 +163,26 @@ def dgc_features(model: nn.Module, adapter: Adapter, calibration: CalibrationSet
 
 
 def select_calibration(model: nn.Module, adapter: Adapter, raw: CalibrationSet, *, mode: str = "entropy",
-                       pct: float | None = None, batch_size: int = 32, device=None,
+                       pct: float | None = None, batch_size: int = 32, device=None, pooling: str | None = None,
                        progress: bool = True) -> CalibrationSet:
     """DGC: keep N of the 2N raw CFG sequences (raw.meta["is_cond"] marks the conditional rows and
-    raw.meta["dgc_chunk"] the collection chunk size, if any). The outcome is logged and kept in the meta."""
+    raw.meta["dgc_chunk"] the collection chunk size, if any). The outcome is logged and kept in the meta.
+
+    pooling: the sequence feature; default "mean" for the entropy mode and "token0" (official) otherwise.
+    Under a causal mask token 0 of every unconditional sequence is the same null-class token, so token 0
+    says nothing about how unconditional sequences differ; their mean over all tokens does.
+    """
     from .dgc import dgc_select
 
     if "is_cond" not in raw.meta:
         raise ValueError("the raw calibration set has no 'is_cond' metadata: it must come from the family's "
                          "calibrate script, which records which rows are conditional")
-    features = dgc_features(model, adapter, raw, batch_size=batch_size, device=device, progress=progress)
+    pooling = pooling or ("mean" if mode == "entropy" else "token0")
+    features = dgc_features(model, adapter, raw, batch_size=batch_size, device=device, progress=progress,
+                            pooling=pooling)
     result = dgc_select(features, torch.tensor(raw.meta["is_cond"]), mode=mode, chunk=raw.meta.get("dgc_chunk"),
                         pct=pct)
     return raw.subset(result.indices, is_cond=[raw.meta["is_cond"][i] for i in result.indices.tolist()],
-                      dgc={"mode": result.mode, "pct_cond": result.pct_cond, "pct_decided": result.pct_decided,
+                      dgc={"mode": result.mode, "pooling": pooling, "pct_cond": result.pct_cond,
+                           "pct_decided": result.pct_decided,
                            "indices": result.indices.tolist()})
