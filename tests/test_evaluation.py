@@ -29,13 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STANDIN = dict(width=1 / 24, image_size=75)  # pool_3: 85 dims, mixed_6/conv: 3x3x8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The stand-in networks are tiny: one thread is fastest and avoids oversubscribing shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

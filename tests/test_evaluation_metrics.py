@@ -11,13 +11,7 @@ from evaluation.manifold import ManifoldEstimator, pairwise_distances, precision
 from evaluation.metrics import FIDStatistics, compute_statistics, inception_score, split_order_warning
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The stand-in networks are tiny: one thread is fastest and avoids oversubscribing shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _random_spd(d, rng, scale=1.0):
