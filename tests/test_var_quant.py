@@ -131,3 +131,19 @@ def test_deep_copied_quantized_model_tracks_its_own_positions(tiny_calibration):
         autoregressive_infer_cfg(model, vae, labels, forced_idx_BL=idx, on_scale=steps.append, decode=False)
         runs[name] = torch.cat([s.logits_BlV for s in steps], 1)
     assert torch.equal(runs["original"], runs["clone"])
+
+
+def test_faithful_mode_reproduces_the_official_settings(tmp_path, tiny_calibration):
+    """--faithful: EMA statistics, the three official percentiles, plain activation MSE, mask-less replay."""
+    calib = tiny_calibration.save(tmp_path / "calibration.safetensors")
+    state = tmp_path / "faithful.safetensors"
+    assert quantize_main(["--preset", "var_tiny", "--calibration", str(calib), "--bits", "w6a6", "--faithful",
+                          "--out", str(state), "--no-progress"]) == 0
+    from quant.io import read_header
+    saved = read_header(state)["recipe"]
+    assert saved["statistics"] == "ema" and saved["percentiles"] == [0.999, 0.9999, 0.99999]
+    assert saved["range_objective"] == "activation" and saved["batch_size"] == 64
+    var, _ = create("var_tiny", seed=0)
+    load_quantized(var, var_adapter(var), state)
+    zero_points = var.blocks[0].attn.mat_qkv.input_quantizer.zero_point
+    assert zero_points.numel() == len(var.patch_nums)
