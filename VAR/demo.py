@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from quant import load_quantized, quantize, recipe, save_quantized
 from sampling import SamplingRun, class_labels, run_sampling

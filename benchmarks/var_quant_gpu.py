@@ -73,9 +73,6 @@ def run_preset(preset: str, batches: int, batch_size: int) -> dict:
                                                      selected, progress=False))
     result["quantize_peak_gb"] = peak_gb()
     result["w8a8_fake"] = sampling_speed(var, vae, batches, batch_size)
-    del var, vae
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return result
 
 
@@ -123,6 +120,8 @@ def main() -> None:
     results = []
     for preset in args.presets:
         results.append(run_preset(preset, args.batches, args.batch_size))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the previous model is gone with run_preset's frame
         print(json.dumps(results[-1]), flush=True)
         args.out.write_text(report(results))  # after every model, so a cut-short run keeps what it measured
     print(f"wrote {args.out}")

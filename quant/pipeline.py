@@ -16,11 +16,11 @@ import torch
 from torch import nn
 
 from . import fold as folding
-from .adapter import Adapter, LayerSpec, MatMulSpec
+from .adapter import Adapter, LayerSpec
 from .calibration import CalibrationSet, gather_tokens, replay, token_mask
 from .context import TokenPositions
 from .modules import QuantLinear, QuantMatMul, quantizers_of
-from .quantizers import Granularity, LogSqrt2Quantizer, UniformQuantizer, fake_quantize
+from .quantizers import Granularity, LogSqrt2Quantizer, UniformQuantizer
 from .recipes import Recipe
 from .transforms import dominant_channel_error, gps_scale, smoothquant_scale, symmetric_shift
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from quant import CalibrationSet, LayerSpec, QuantLinear, load_quantized, quantize, recipe, save_quantized
-from quant.adapter import Adapter, FoldTarget
+from quant.adapter import FoldTarget
 from quant.calibration import select_calibration
 from quant.modules import quantizers_of
 from quant.pipeline import quantization_disabled

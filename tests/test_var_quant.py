@@ -11,7 +11,7 @@ from VAR.calibrate import draw_labels, generate_raw_set
 from VAR.calibrate import main as calibrate_main
 from VAR.presets import create
 from VAR.quantize import main as quantize_main
-from VAR.sampling import autoregressive_infer_cfg, make_rng, make_sample_fn
+from VAR.sampling import autoregressive_infer_cfg, make_sample_fn
 
 
 @pytest.fixture(scope="module")
