@@ -6,6 +6,7 @@ M in {200, 3200, 12800, 51200}) it times, interleaved over rounds, against bf16 
   ours_layer    kernels.quantized_linear: quantize kernel + fused CUTLASS INT8 GEMM (the full W8A8 layer)
   ours_gemm     the fused CUTLASS INT8 GEMM alone (int8 inputs, dequantized bf16 output)
   ours_quant    the quantize kernel alone
+  copy          x.clone(): the copy bandwidth that the quantize kernel (3 bytes moved per element) is held against
   int_mm        torch._int_mm + the fused dequantize kernel (int8 inputs; the fallback GEMM path)
   int_mm_layer  quantize + torch._int_mm + dequantize (the full layer on the fallback path)
   fp8_rowwise   torch._scaled_mm, FP8 e4m3 with row/column scales and bias (cuBLASLt: the 8-bit ceiling reference)
@@ -201,11 +202,14 @@ def bench_shape(M, K, N, args, configs, use_torchao, broken: set) -> dict:
         s = sets[i % copies]
         ops.quantize_rows(s["x"], s["step"], s["zero"], 8)
 
+    def copy(i):
+        sets[i % copies]["x"].clone()
+
     def torchao(i):
         s = sets[i % copies]
         s["torchao"](s["x"])
 
-    variants = {"bf16": bf16, "ours_layer": ours_layer, "ours_gemm": ours_gemm, "ours_quant": quant,
+    variants = {"bf16": bf16, "ours_layer": ours_layer, "ours_gemm": ours_gemm, "ours_quant": quant, "copy": copy,
                 "int_mm": int_mm, "int_mm_layer": int_mm_layer, "fp8_rowwise": fp8, "bf16_again": bf16}
     if use_torchao:
         variants["torchao"] = torchao
@@ -301,6 +305,10 @@ def write_report(results: dict, out: Path) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {geomean([speedups(r, 'bf16_again') for r in group]):.2f}x |")
     big = [r for r in rows if r["M"] >= 3200]
     quant_tbps = statistics.median(r["M"] * r["K"] * 3 / r["us"]["ours_quant"] / 1e6 for r in big)
+    copies_timed = [r for r in big if "copy" in r["us"]]
+    copy_note = (f" (a copy of x, `x.clone()`, moves 4 bytes per element at "
+                 f"{statistics.median(r['M'] * r['K'] * 4 / r['us']['copy'] / 1e6 for r in copies_timed):.2f} TB/s)"
+                 if copies_timed else "")
     quant_share = statistics.median(r["us"]["ours_quant"] / r["us"]["ours_layer"] for r in big)
     layer_big = geomean([speedups(r, "ours_layer") for r in big])
     layer_small = geomean([speedups(r, "ours_layer") for r in rows if r["M"] == 200])
@@ -308,8 +316,8 @@ def write_report(results: dict, out: Path) -> str:
               f"({'met' if layer_big >= 1.6 else 'not met'}); >= 1.0x at M = 200: **{layer_small:.2f}x** "
               f"({'met' if layer_small >= 1.0 else 'not met'}).", "",
               f"Where the time goes (M >= 3200, medians): the quantize kernel moves 3 bytes per input element at "
-              f"{quant_tbps:.2f} TB/s and takes {quant_share:.0%} of the full layer's time; the GEMM alone runs at "
-              f"{geomean([speedups(r, 'ours_gemm') for r in big]):.2f}x bf16 (cuBLASLt FP8 row-wise: "
+              f"{quant_tbps:.2f} TB/s{copy_note} and takes {quant_share:.0%} of the full layer's time; the GEMM "
+              f"alone runs at {geomean([speedups(r, 'ours_gemm') for r in big]):.2f}x bf16 (cuBLASLt FP8 row-wise: "
               f"{geomean([speedups(r, 'fp8_rowwise') for r in big]):.2f}x).", "",
               "## Per shape", "",
               "µs, and speedup over bf16 in brackets. TOPS counts 2·M·N·K.", "",

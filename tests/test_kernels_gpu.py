@@ -68,6 +68,100 @@ def test_quantize_kernel_is_bit_exact(extension, dtype, bits, per_row):
     assert torch.equal(act_zero, act_zero_ref)
 
 
+def hard_rows(dtype, bits, K=1024, seed=0):
+    """Rows that probe the quantizer's arithmetic: exact and near ties of x / step, values far beyond the grid,
+    zeros, infinities, huge and subnormal inputs, each row with its own step and zero point, including steps and
+    zero points outside the range of the kernel's fast path (which then takes the literal formula)."""
+    steps = [2.0**-6, 0.0123, 1 / 255, 3.7, 2.0**-30, 2.0**30, 2.0**-29.5, 2.0**29.5, 2.0**-31, 2.0**31, 1e-20, 1e12,
+             0.1, 7e-4, 2.0**-12, 0.33]
+    zeros = [0, 2**bits - 1, 2 ** (bits - 1), 37 % 2**bits, -7, 300, 2**20, 2**20 + 1, -(2**20) - 1, 5000]
+    M = len(steps) * 4
+    g = torch.Generator().manual_seed(seed)
+    step = torch.tensor(steps * 4, dtype=torch.float32)
+    zero = torch.tensor([zeros[i % len(zeros)] for i in range(M)], dtype=torch.int32)
+    n = torch.arange(-(K // 8), K // 8, dtype=torch.float32)  # K // 4 integers around 0
+    ties = (n + 0.5)[None, :] * step[:, None]
+    near = ties * (1 + torch.randn(M, K // 4, generator=g) * 2.0**-9)
+    spread = torch.randn(M, K // 4, generator=g) * 200 * step[:, None]
+    finfo = torch.finfo(dtype)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), finfo.max, -finfo.max, finfo.tiny,
+                             -finfo.tiny, finfo.tiny * finfo.eps, 2.0**64, -(2.0**65), 1e-30, -1e-38])
+    wild = torch.sign(torch.randn(M, K // 4, generator=g)) * 2.0 ** (torch.rand(M, K // 4, generator=g) * 260 - 140)
+    wild[:, : len(specials)] = specials
+    x = torch.cat([ties, near, spread, wild], dim=1).to(dtype)  # casting may move ties: then they are near ties
+    return x, step, zero
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits", [8, 6, 4, 2])
+def test_quantize_kernel_is_bit_exact_on_hard_values(extension, dtype, bits):
+    x, step, zero = hard_rows(dtype, bits, seed=bits)
+    assert not torch.isnan(x).any()  # a NaN has no defined int8 code in the reference
+    xq, act_zero = kernels.quantize_rows(x.cuda(), step.cuda(), zero.cuda(), bits)
+    xq_ref, act_zero_ref = reference.quantize_rows(x, step, zero, bits)  # on the CPU: IEEE division there too
+    mismatches = (xq.cpu() != xq_ref).nonzero()
+    assert len(mismatches) == 0, f"{len(mismatches)} codes differ, first at (row, col) {mismatches[0].tolist()}"
+    assert torch.equal(act_zero.cpu(), act_zero_ref)
+
+
+@pytest.mark.parametrize("dtype,K", [(torch.bfloat16, 1024), (torch.bfloat16, 1040), (torch.bfloat16, 1032),
+                                     (torch.float16, 1040), (torch.float32, 1040), (torch.float32, 1032)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_quantize_kernel_chunk_widths_and_grid_stride(extension, dtype, K, per_row):
+    # K % 32, % 16 and % 8 select 32-, 16- and 8-element chunks; 20000 rows make every thread of the one resident
+    # wave loop several times, with a grid stride that is no multiple of the row length
+    M = 20000
+    g = torch.Generator(device="cuda").manual_seed(K)
+    x = (torch.randn(M, K, device="cuda", generator=g) * 3 + 0.5).to(dtype)
+    step = torch.rand(M if per_row else 1, device="cuda", generator=g) * 0.05 + 0.01
+    zero = torch.randint(0, 256, (M if per_row else 1,), device="cuda", generator=g, dtype=torch.int32)
+    xq, act_zero = extension.quantize_rows(x, step, zero, 8)  # the raw op: K % 16 is not required there
+    xq_ref, act_zero_ref = reference.quantize_rows(x, step.expand(M), zero.expand(M), 8)
+    assert torch.equal(xq, xq_ref)
+    assert torch.equal(act_zero, act_zero_ref[: act_zero.numel()])
+
+
+def test_chained_layers_wait_for_their_input(sm90):
+    """Each quantize kernel reads the output of the GEMM before it. Both are launched with programmatic dependent
+    launch, so the quantize kernel may start while that GEMM still runs and must wait for it: a chain of layers,
+    eager and captured in a CUDA graph, equals the same chain with the device synchronised between layers."""
+    M, C = 4096, 1024
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(M, C, device="cuda", generator=g) * 2 + 0.5).to(torch.bfloat16)
+    step = (x.float().max() - x.float().min()).reshape(1) / 255
+    zero = torch.tensor([128], dtype=torch.int32, device="cuda")
+    layers = [(kernels.quantize_weight_symmetric(torch.randn(C, C, device="cuda", generator=g) / C**0.5),
+               torch.randn(C, device="cuda", generator=g)) for _ in range(4)]
+
+    def chain(y, synchronize=False):
+        for weight, bias in layers:
+            y = kernels.quantized_linear(y, step, zero, 8, weight.wq, weight.w_scale, weight.wsum, bias)
+            if synchronize:
+                torch.cuda.synchronize()
+        return y
+
+    x2 = x.flip(0).contiguous()
+    expected, expected2 = chain(x, synchronize=True), chain(x2, synchronize=True)
+    assert expected.float().std() > 0.1  # the chain carries information to its end
+    assert torch.equal(chain(x), expected)
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = chain(static_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, expected)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, expected2)
+
+
 SHAPES = [(1, 768, 2304), (17, 1024, 4096), (200, 768, 2304), (200, 4096, 1024), (333, 1920, 200),
           (3200, 1280, 3840), (5000, 6144, 1536), (12800, 1024, 1024)]
 
