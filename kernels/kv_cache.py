@@ -33,7 +33,9 @@ class Int8Codec:
         return (q - self.offset).to(torch.int8)
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return ((stored.float() + (self.offset - self.zero)) * self.step).to(dtype)
+        # In the compute dtype, as the fake-quant K/V quantizers run under autocast; codes and offsets are
+        # small integers, exact in bf16/fp16.
+        return (stored.to(dtype) + (self.offset - self.zero).to(dtype)) * self.step.to(dtype)
 
 
 class Int8KVCodec:
