@@ -358,6 +358,9 @@ class UniformQuantizer(nn.Module):
             step, zero = self.step[group][:, None], self.zero_point[group][:, None]
         else:
             step, zero = self.step, self.zero_point
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # x / step in float32, like the INT8 kernels: a tiny step would underflow to 0 in half precision
+            return fake_quantize(x.float(), step, zero, qmin, qmax).to(x.dtype)
         return fake_quantize(x, step.to(x.dtype), zero.to(x.dtype), qmin, qmax)
 
 

@@ -168,3 +168,14 @@ def test_log_sqrt2_levels():
     assert out[:3].tolist() == pytest.approx([1.0, 1 / math.sqrt(2), 0.5])
     assert out[3].item() == pytest.approx(0.25 * math.sqrt(2))  # −2·log2(0.3) = 3.47 → q = 3
     assert out[4].item() == 0.0 and out[5].item() == 0.0  # beyond 2^b levels → 0
+
+
+def test_half_precision_inputs_quantize_in_float32():
+    """A degenerate (all-zero) group gets the minimum step 1e-8, which is 0 in float16: no NaN may appear."""
+    q = UniformQuantizer(8, percentiles=(1.0,))
+    observe(q, torch.zeros(2, 3, 4))
+    out = q(torch.tensor([[0.0, 1e-3, -2.0]], dtype=torch.float16))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    x = torch.randn(4, 8, 16)
+    q = observe(UniformQuantizer(6), x)
+    assert torch.equal(q(x.bfloat16()), q(x.bfloat16().float()).bfloat16())
