@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quant.modules import InputTransform, QuantLinear, QuantMatMul
+from quant.pipeline import set_module
 from quant.quantizers import Granularity
 
 from .kv_cache import Int8Codec, Int8KVCodec
@@ -120,11 +121,6 @@ def _why_not(layer: QuantLinear) -> str | None:
     return None
 
 
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
-
-
 def install_int8_kv_cache(model: nn.Module) -> int:
     """Give every attention module with a `kv_codec` hook point an INT8 cache built from its calibrated K and V
     quantizers (the b operands of its `qk_matmul` and `av_matmul`). Returns how many modules got one."""
@@ -168,7 +164,7 @@ def convert(model: nn.Module, *, attention: str = "fake", kv_cache: str = "model
             report.requantized_channels[name] = int8.requantized_channels
         if int8.rounded_zero_points:
             report.rounded_zero_points.append(name)
-        _set_module(model, name, int8)
+        set_module(model, name, int8)
         report.converted.append(name)
     if kv_cache == "int8":
         report.int8_kv_modules = install_int8_kv_cache(model)

@@ -43,7 +43,8 @@ class QuantizedModel:
 
 
 # ----------------------------------------------------------------------------------------- structure
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at `path` (dotted) by `module`."""
     parent_path, _, name = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, name, module)
@@ -77,11 +78,11 @@ def wrap_modules(model: nn.Module, adapter: Adapter, recipe: Recipe, positions: 
     for spec in adapter.layers:
         linear = model.get_submodule(spec.path)
         device = linear.weight.device
-        _set_module(model, spec.path, QuantLinear.from_linear(
+        set_module(model, spec.path, QuantLinear.from_linear(
             linear, _weight_quantizer(linear, recipe), _input_quantizer(spec, recipe, positions).to(device)))
     if recipe.quantize_attention and adapter.matmuls:
         for spec in adapter.matmuls:
-            _set_module(model, spec.path, QuantMatMul(_operand_quantizer(recipe, spec.a_kind), _operand_quantizer(recipe)))
+            set_module(model, spec.path, QuantMatMul(_operand_quantizer(recipe, spec.a_kind), _operand_quantizer(recipe)))
         for path in adapter.attention_modules:
             model.get_submodule(path).explicit_matmuls = True
     device = next(model.parameters()).device
