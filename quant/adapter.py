@@ -8,7 +8,7 @@ The algorithms in `quant` use only this description; they never look at module n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
@@ -93,6 +93,8 @@ class Adapter:
         """Fail loudly when the description does not match the model."""
         names = dict(model.named_modules())
         problems = []
+        paths = [spec.path for spec in self.layers]
+        problems += [f"layer {path!r} is listed twice" for path in sorted({p for p in paths if paths.count(p) > 1})]
         for spec in self.layers:
             module = names.get(spec.path)
             if not isinstance(module, nn.Linear):
@@ -141,10 +143,3 @@ def sequence_positions(length_dim: int = 1) -> PositionsFn:
 
     return positions
 
-
-def check_paths_unique(specs: Sequence[LayerSpec]) -> None:
-    seen = set()
-    for spec in specs:
-        if spec.path in seen:
-            raise ValueError(f"layer {spec.path!r} is listed twice in the adapter")
-        seen.add(spec.path)

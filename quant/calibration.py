@@ -12,7 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -125,14 +125,6 @@ def gather_tokens(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     if keep is not None:
         x = x[..., keep, :]
     return x.reshape(-1, x.shape[-1])
-
-
-def to_json_meta(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    """Metadata made JSON-safe (tensors become lists)."""
-    out = {}
-    for key, value in mapping.items():
-        out[key] = value.tolist() if isinstance(value, torch.Tensor) else value
-    return out
 
 
 @torch.no_grad()

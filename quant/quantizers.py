@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from enum import Enum
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -435,6 +435,3 @@ class LogSqrt2Quantizer(nn.Module):
             return x
         return self.quantize_with(x, self.delta)
 
-
-Quantizer = UniformQuantizer | LogSqrt2Quantizer
-QuantizerFactory = Callable[..., Quantizer]

@@ -211,7 +211,8 @@ def test_adapter_validation_names_the_problem():
     adapter = synthetic_adapter(model)
     adapter.layers.append(LayerSpec("blocks.9.fc1", "fc1"))
     adapter.layers.append(LayerSpec("blocks.0.fc2", "fc2", fold=FoldTarget("layernorm", "blocks.0.norm")))
-    with pytest.raises(ValueError, match=r"blocks\.9\.fc1.*missing(.|\n)*fold target 'blocks\.0\.norm'"):
+    with pytest.raises(ValueError, match=r"blocks\.0\.fc2' is listed twice(.|\n)*blocks\.9\.fc1.*missing(.|\n)*"
+                                         r"fold target 'blocks\.0\.norm'"):
         quantize(model, adapter, recipe("rtn"), synthetic_calibration(SMALL, 2))
 
 
