@@ -90,7 +90,8 @@ def autoregressive_infer_cfg(var: VAR, vae: VQVAE, label_B: torch.LongTensor, *,
                              top_k: int = RECIPE.top_k, top_p: float = RECIPE.top_p,
                              rng: Optional[torch.Generator] = None, forced_idx_BL: Optional[torch.Tensor] = None,
                              on_scale: Optional[Callable[[ScaleStep], None]] = None, reuse_ada_lin: bool = True,
-                             decode: bool = True, decode_chunk: Optional[int] = DECODE_CHUNK) -> Generation:
+                             decode: bool = True, decode_chunk: Optional[int] = DECODE_CHUNK,
+                             forward_scale: Optional[Callable] = None) -> Generation:
     """Generate B images of classes `label_B` (B,). Returns images in [0, 1] and the sampled ids.
 
     rng: the generator the draws come from (None: the global RNG, as the official code does without g_seed).
@@ -101,8 +102,11 @@ def autoregressive_infer_cfg(var: VAR, vae: VQVAE, label_B: torch.LongTensor, *,
     decode: False skips the tokenizer decoder (`images` is then None).
     decode_chunk: decode at most this many images at a time (None: all at once). Each image is decoded on its
         own anyway; the chunks only bound the decoder's activation memory, which at 256x256 exceeds the KV cache.
+    forward_scale: runs the transformer on one scale, (si, token_map, cond_BD, ada_outs) -> logits; None runs
+        `var.forward_blocks`. `VAR.graphs.ScaleGraphs` replays CUDA graphs instead.
     """
-    idx_BL, f_hat = _sample_tokens(var, vae, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin)
+    idx_BL, f_hat = _sample_tokens(var, vae, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin,
+                                   forward_scale)
     images = decode_f_hat(vae, f_hat, decode_chunk) if decode else None
     return Generation(images=images, idx_BL=idx_BL, f_hat=f_hat)
 
@@ -114,7 +118,8 @@ def decode_f_hat(vae: VQVAE, f_hat: torch.Tensor, chunk: Optional[int] = DECODE_
     return images[0] if len(images) == 1 else torch.cat(images)
 
 
-def _sample_tokens(var: VAR, vae: VQVAE, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin):
+def _sample_tokens(var: VAR, vae: VQVAE, label_B, cfg, top_k, top_p, rng, forced_idx_BL, on_scale, reuse_ada_lin,
+                   forward_scale=None):
     """The scale loop; returns (idx_BL, f_hat). Its large intermediates (logits, KV cache) are freed on return,
     before the tokenizer decodes."""
     quantize = vae.quantize
@@ -135,7 +140,10 @@ def _sample_tokens(var: VAR, vae: VQVAE, label_B, cfg, top_k, top_p, rng, forced
     try:
         for si, pn in enumerate(var.patch_nums):
             begin, end = var.begin_ends[si]
-            logits_BlV = var.forward_blocks(next_token_map, cond_BD, attn_bias=None, ada_outs=ada_outs)
+            if forward_scale is None:
+                logits_BlV = var.forward_blocks(next_token_map, cond_BD, attn_bias=None, ada_outs=ada_outs)
+            else:
+                logits_BlV = forward_scale(si, next_token_map, cond_BD, ada_outs)
             t = cfg * si / var.num_stages_minus_1
             guided_BlV = (1 + t) * logits_BlV[:B] - t * logits_BlV[B:]
             if forced_idx_BL is None:
@@ -163,22 +171,32 @@ def to_uint8(images_B3HW: torch.Tensor) -> torch.Tensor:
 
 
 def make_sample_fn(var: VAR, vae: VQVAE, recipe: SamplingRecipe = RECIPE, dtype: str = 'fp16',
-                   reuse_ada_lin: bool = True) -> Callable[[np.ndarray, int], dict]:
+                   reuse_ada_lin: bool = True, cuda_graphs: bool = False) -> Callable[[np.ndarray, int], dict]:
     """A batch sampler for `sampling.run_sampling`: (labels, seed) -> {'images': (B, H, W, 3) uint8,
     'idx_BL': (B, L) int16 token ids}. Each call seeds a fresh generator on the model device with `seed`;
-    `dtype` picks the autocast precision ('fp16', 'bf16', or 'fp32' for no autocast)."""
+    `dtype` picks the autocast precision ('fp16', 'bf16', or 'fp32' for no autocast). `cuda_graphs` replays
+    the transformer forward of each scale as a CUDA graph (VAR.graphs; CUDA only; autocast's weight cache is
+    then off, so give the transformer weights in the compute dtype rather than float32 masters)."""
     if dtype not in AUTOCAST_DTYPES:
         raise ValueError(f'dtype {dtype!r}: choose one of {sorted(AUTOCAST_DTYPES)}')
     device = var.lvl_1L.device
     autocast_dtype = AUTOCAST_DTYPES[dtype]
+    if cuda_graphs and device.type != 'cuda':
+        raise ValueError(f'cuda_graphs needs the model on a CUDA device, not {device}')
+    forward_scale = None
+    if cuda_graphs:
+        from .graphs import ScaleGraphs
+        forward_scale = ScaleGraphs(var)
 
     def sample(labels: np.ndarray, seed: int) -> dict:
         label_B = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                                                    enabled=autocast_dtype is not None):
+                                                    enabled=autocast_dtype is not None, cache_enabled=not cuda_graphs):
             gen = autoregressive_infer_cfg(var, vae, label_B, cfg=recipe.cfg, top_k=recipe.top_k, top_p=recipe.top_p,
-                                           rng=make_rng(device, seed), reuse_ada_lin=reuse_ada_lin)
+                                           rng=make_rng(device, seed), reuse_ada_lin=reuse_ada_lin,
+                                           forward_scale=forward_scale)
             images = to_uint8(gen.images)
         return {'images': images.cpu().numpy(), 'idx_BL': gen.idx_BL.to(torch.int16).cpu().numpy()}
 
+    sample.forward_scale = forward_scale  # the graphs, for callers that drive autoregressive_infer_cfg themselves
     return sample

@@ -3,16 +3,18 @@
     xq, act_zero = quantize_rows(x, step, zero_point, bits)          # float [..., K] -> int8 [..., K]
     y = int8_linear(xq, wq, step, act_zero, w_scale, wsum, bias)      # fused INT8 GEMM + dequantization
     y = quantized_linear(x, step, zero_point, bits, wq, w_scale, wsum, bias)   # both
+    xq, step_rows, act_zero = fused_quantize(x, step, zero_point, bits, prologue="layernorm", modulation=...)
+                                                                      # quantization fused with its producer
 
 Weights come from kernels.weights (pack_weight, quantize_weight_symmetric). The int8 convention, the build and
 the backends are described in kernels/README.md; active_backend() tells which path runs.
 """
-from kernels.ops import (BACKENDS, active_backend, extension_status, int8_linear, quantize_rows,
+from kernels.ops import (BACKENDS, active_backend, extension_status, fused_quantize, int8_linear, quantize_rows,
                          quantized_linear)
 from kernels.reference import activation_offset
 from kernels.weights import Int8Weight, pack_weight, quantize_weight_symmetric, weight_sum
 
 __all__ = [
-    "BACKENDS", "active_backend", "extension_status", "int8_linear", "quantize_rows", "quantized_linear",
+    "BACKENDS", "active_backend", "extension_status", "fused_quantize", "int8_linear", "quantize_rows", "quantized_linear",
     "activation_offset", "Int8Weight", "pack_weight", "quantize_weight_symmetric", "weight_sum",
 ]

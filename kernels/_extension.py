@@ -47,8 +47,22 @@ def _register_fakes() -> None:
     def _(x, step, zero_point, bits):
         return x.new_empty(x.shape, dtype=torch.int8), zero_point.new_empty(zero_point.shape)
 
+    @torch.library.register_fake(f"{NAMESPACE}::fused_quantize")
+    def _(x, step, zero_point, token_group, bits, prologue, eps, mod_mul, mod_add, channel_scale, channel_shift):
+        rows = x.numel() // x.shape[-1] if token_group is not None else 1
+        return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
+                x.new_empty((rows,), dtype=torch.int32))
+
     @torch.library.register_fake(f"{NAMESPACE}::int8_linear")
     def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config):
+        return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
+
+    @torch.library.register_fake(f"{NAMESPACE}::dequantize_codes")
+    def _(codes, params, out_dtype):
+        return codes.new_empty(codes.shape, dtype=out_dtype)
+
+    @torch.library.register_fake(f"{NAMESPACE}::int8_linear_sm80")
+    def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, tile):
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake(f"{NAMESPACE}::dequantize_int32")
@@ -87,3 +101,8 @@ def runs_sm90_gemm(device: torch.device) -> bool:
     if device.type != "cuda" or not loaded():
         return False
     return _capability(device) == (9, 0) and 900 in compiled_archs()
+
+
+def runs_sm80_gemm(device: torch.device) -> bool:
+    """Whether the CUTLASS 2.x GEMM (mma.sync) runs on this device: sm_80 or newer, with machine code for it."""
+    return runs_elementwise(device) and _capability(device)[0] >= 8

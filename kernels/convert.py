@@ -17,21 +17,54 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from quant.modules import InputTransform, QuantLinear, QuantMatMul
+from quant.modules import QuantLinear, QuantMatMul
 from quant.pipeline import set_module
 from quant.quantizers import Granularity
 
 from .kv_cache import Int8Codec, Int8KVCodec
-from .ops import quantized_linear
+from . import _extension
+from .ops import (ACTIVATION_DTYPES, MAX_FUSED_K, active_backend, fused_quantize, int8_linear,
+                  sm90_config_index)
+from .reference import PROLOGUES
 from .weights import pack_weight
 
 CONVERTIBLE = (Granularity.TENSOR, Granularity.TOKEN_GROUPS)
 
 
+class LayerNormModulated:
+    """LayerNorm (no affine) of x followed by the adaLN modulation y * mul + add, not computed yet.
+
+    A block passes it to the Int8Linear it feeds, which computes it inside its quantize kernel (one read of x,
+    one int8 write, instead of the normalisation, the modulation and the quantization each going through
+    memory). `mul` / `add` are [S, 1, C] or [S, C] per sample; x is [S, L, C]. Anything else that receives it
+    calls `materialize()`, which computes it as the model does.
+    """
+
+    def __init__(self, x: torch.Tensor, eps: float, mul: torch.Tensor, add: torch.Tensor) -> None:
+        self.x, self.eps, self.mul, self.add = x, eps, mul, add
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+    def materialize(self) -> torch.Tensor:
+        return F.layer_norm(self.x, self.x.shape[-1:], eps=self.eps).mul(self.mul).add_(self.add)
+
+    def modulation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.x.shape[-1]
+        return self.mul.reshape(-1, c), self.add.reshape(-1, c)
+
+
 class Int8Linear(nn.Module):
-    """A linear layer running on int8 weights and statically quantized int8 activations."""
+    """A linear layer running on int8 weights and statically quantized int8 activations.
+
+    The input may be a float tensor or a `LayerNormModulated`; `prologue = "gelu_tanh"` makes the layer apply
+    the GELU that precedes it itself (set by a family's fusion pass, which then drops the model's own GELU).
+    Both run inside the quantize kernel, together with the online input transform.
+    """
 
     def __init__(self, layer: QuantLinear) -> None:
         super().__init__()
@@ -39,7 +72,7 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.bits = iq.bits
         self.weight_bits = wq_.bits
-        self.input_transform = layer.input_transform if not layer.input_transform.is_identity else InputTransform()
+        self.prologue = "none"
         weight = layer.weight.detach().float()
         step = wq_.step.float()[:, None]
         if wq_.symmetric:  # a symmetric grid is the asymmetric one with z = 2^(b-1)
@@ -53,8 +86,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("w_scale", packed.w_scale)
         self.register_buffer("wsum", packed.wsum)
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float().clone())
-        self.register_buffer("act_step", iq.step.detach().float().clone())
-        self.register_buffer("act_zero", torch.round(iq.zero_point.detach()).to(torch.int32))
+        transform = layer.input_transform
+        self.register_buffer("channel_scale", None if transform.scale is None else transform.scale.detach().float().clone())
+        self.register_buffer("channel_shift", None if transform.shift is None else transform.shift.detach().float().clone())
+        self.register_buffer("act_step", iq.step.detach().float().reshape(-1).clone())
+        self.register_buffer("act_zero", torch.round(iq.zero_point.detach()).to(torch.int32).reshape(-1))
         self.requantized_channels = int(packed.requantized.sum())
         self.rounded_zero_points = bool((iq.zero_point != torch.round(iq.zero_point)).any())
         self.token_groups = iq.token_groups if iq.granularity == Granularity.TOKEN_GROUPS else None
@@ -62,25 +98,53 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         groups = f", token groups={self.token_groups.num_groups}" if self.token_groups else ""
+        prologue = f", prologue={self.prologue}" if self.prologue != "none" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"W{self.weight_bits}A{self.bits}{groups}")
+                f"W{self.weight_bits}A{self.bits}{groups}{prologue}")
 
-    def _row_params(self, x: torch.Tensor):
-        if self.token_groups is None:
-            return self.act_step, self.act_zero
-        group = self.token_groups.group_of(self.positions.require(x.shape[-2]).to(x.device))
-        rows = x.shape[:-1]
-        return self.act_step[group].expand(rows), self.act_zero[group].expand(rows)
+    def forward(self, x) -> torch.Tensor:
+        prologue, modulation, eps = self.prologue, None, 0.0
+        autocast = torch.is_autocast_enabled(x.x.device.type if isinstance(x, LayerNormModulated) else x.device.type)
+        if isinstance(x, LayerNormModulated):
+            if prologue != "none":
+                raise RuntimeError(f"this layer already applies {prologue!r} to its input; it cannot also take a "
+                                   f"LayerNorm-modulated one")
+            prologue, modulation, eps = "layernorm", x.modulation(), x.eps
+            x = x.x  # the normalisation reads x in its own precision (float32 under autocast, as the model's)
+            out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+        else:
+            if autocast:  # the kernels replace an autocast F.linear
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            out_dtype = x.dtype
+        token_group = None
+        if self.token_groups is not None:
+            token_group = self.positions.group_index(self.token_groups, x.shape[-2], x.device, torch.int32)
+        if self._runs_sm90(x, out_dtype):
+            return self._forward_sm90(x, prologue, eps, modulation, token_group, out_dtype)
+        xq, act_scale, act_zero = fused_quantize(
+            x, self.act_step, self.act_zero, self.bits, token_group=token_group, prologue=prologue, eps=eps,
+            modulation=modulation, channel_scale=self.channel_scale, channel_shift=self.channel_shift)
+        # float64 (exactness tests on the CPU) keeps a float64 output
+        return int8_linear(xq, self.wq, act_scale, act_zero, self.w_scale, self.wsum, self.bias, out_dtype=out_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type):  # the kernels replace an autocast F.linear
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = self.input_transform(x)
-        step, zero = self._row_params(x)
-        # float64 (exactness tests on the CPU) quantizes like the kernels, in float32, and keeps a float64 output
-        source = x.float() if x.dtype == torch.float64 else x
-        return quantized_linear(source, step, zero, self.bits, self.wq, self.w_scale, self.wsum, self.bias,
-                                out_dtype=x.dtype)
+    def _runs_sm90(self, x: torch.Tensor, out_dtype: torch.dtype) -> bool:
+        return (x.is_cuda and x.dtype in ACTIVATION_DTYPES and out_dtype in (torch.bfloat16, torch.float16)
+                and self.in_features <= MAX_FUSED_K and active_backend(x.device) == "cutlass_sm90")
+
+    def _forward_sm90(self, x, prologue, eps, modulation, token_group, out_dtype) -> torch.Tensor:
+        """The two extension ops called directly: this layer's tensors were validated when it was built, and the
+        per-call checks of the public functions cost more host time than the kernels take at small M."""
+        ops = _extension.ops()
+        mul = add = None
+        if modulation is not None:
+            mul, add = (m.float().contiguous() for m in modulation)
+        xq, act_scale, act_zero = ops.fused_quantize(
+            x.contiguous(), self.act_step, self.act_zero, token_group, self.bits, PROLOGUES.index(prologue), eps,
+            mul, add, self.channel_scale, self.channel_shift)
+        rows = xq.numel() // self.in_features
+        out = ops.int8_linear(xq.view(rows, self.in_features), self.wq, act_scale, act_zero, self.w_scale, self.wsum,
+                              self.bias, out_dtype, sm90_config_index(rows))
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 @dataclass
@@ -92,6 +156,7 @@ class ConversionReport:
     weight_bytes_before: int = 0
     weight_bytes_after: int = 0
     int8_kv_modules: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} linear layers to INT8; weights "
@@ -103,6 +168,7 @@ class ConversionReport:
                          f"{len(self.requantized_channels)} layers (quantize with w_symmetric=True to avoid)")
         if self.rounded_zero_points:
             lines.append(f"  non-integer activation zero points rounded in {len(self.rounded_zero_points)} layers")
+        lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 

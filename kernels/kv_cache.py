@@ -10,6 +10,7 @@ import torch
 
 from quant.quantizers import UniformQuantizer
 
+from . import _extension
 from .reference import activation_offset
 
 
@@ -21,6 +22,7 @@ class Int8Codec:
         self.step = step.detach().float().reshape(())
         self.zero = torch.round(zero_point.detach().float()).reshape(())
         self.offset = activation_offset(self.zero, bits)
+        self._device_params: dict = {}
 
     @classmethod
     def from_quantizer(cls, quantizer: UniformQuantizer) -> "Int8Codec":
@@ -33,9 +35,24 @@ class Int8Codec:
         return (q - self.offset).to(torch.int8)
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # In the compute dtype, as the fake-quant K/V quantizers run under autocast; codes and offsets are
-        # small integers, exact in bf16/fp16.
+        # In the compute dtype, as the fake-quant K/V quantizers run under autocast: (q - z) * step with step
+        # rounded to dtype; q - z is a small integer, so the product has one rounding, as in dtype arithmetic.
+        rows = stored.reshape(-1, stored.shape[-2] * stored.shape[-1]) if stored.dim() >= 2 else None
+        if (rows is not None and stored.is_cuda and _extension.runs_elementwise(stored.device)
+                and dtype in (torch.bfloat16, torch.float16, torch.float32) and rows.stride(-1) == 1
+                and rows.shape[-1] % 16 == 0 and (rows.shape[0] <= 1 or rows.stride(0) % 16 == 0)
+                and rows.data_ptr() % 16 == 0):
+            # one pass over the cache (read int8, write dtype) instead of three elementwise ops
+            return _extension.ops().dequantize_codes(rows, self._params(dtype, stored.device), dtype).view(stored.shape)
         return (stored.to(dtype) + (self.offset - self.zero).to(dtype)) * self.step.to(dtype)
+
+    def _params(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[q - z shift, step rounded to dtype] as float32 on the device, made once per (dtype, device)."""
+        key = (dtype, str(device))
+        if key not in self._device_params:
+            shift = (self.offset - self.zero).float().reshape(())
+            self._device_params[key] = torch.stack([shift, self.step.to(dtype).float()]).to(device)
+        return self._device_params[key]
 
 
 class Int8KVCodec:

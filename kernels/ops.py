@@ -2,6 +2,8 @@
 
 Backends, chosen per call from the tensors' device (or forced with backend=...):
   "cutlass_sm90": the extension's fused CUTLASS GEMM (sm_90a: H100/H200) and its quantize kernel;
+  "cutlass_sm80": the extension's fused CUTLASS 2.x GEMM (mma.sync: A100, RTX 30/40, L4/L40; built when the arch
+                  list names 8.0 / 8.6 / 8.9) and its quantize kernel;
   "int_mm":       torch._int_mm (cuBLASLt INT8) followed by the extension's fused dequantize kernel, or by the
                   reference epilogue in PyTorch ops when the extension has no code for the device (any CUDA GPU);
   "reference":    the exact pure-PyTorch path of kernels/reference.py (CPU, or forced on a GPU).
@@ -11,9 +13,10 @@ import torch
 
 from kernels import _extension, reference
 
-BACKENDS = ("cutlass_sm90", "int_mm", "reference")
+BACKENDS = ("cutlass_sm90", "cutlass_sm80", "int_mm", "reference")
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OUTPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_FUSED_K = 8192  # the fused quantize kernel keeps a row in one thread block
 
 
 def active_backend(device: torch.device | str | None = None) -> str:
@@ -23,7 +26,9 @@ def active_backend(device: torch.device | str | None = None) -> str:
     device = torch.device(device)
     if device.type != "cuda":
         return "reference"
-    return "cutlass_sm90" if _extension.runs_sm90_gemm(device) else "int_mm"
+    if _extension.runs_sm90_gemm(device):
+        return "cutlass_sm90"
+    return "cutlass_sm80" if _extension.runs_sm80_gemm(device) else "int_mm"
 
 
 def extension_status() -> str:
@@ -40,6 +45,9 @@ def _resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend == "cutlass_sm90" and not _extension.runs_sm90_gemm(device):
         raise RuntimeError(f"the cutlass_sm90 backend needs an sm_90 GPU and the built extension "
                            f"({extension_status()}); tensors are on {device}")
+    if backend == "cutlass_sm80" and not _extension.runs_sm80_gemm(device):
+        raise RuntimeError(f"the cutlass_sm80 backend needs an sm_80 or newer GPU and an extension built for it "
+                           f"({extension_status()}); tensors are on {device}")
     if backend == "int_mm" and device.type != "cuda":
         raise RuntimeError("the int_mm backend needs CUDA tensors")
     return backend
@@ -53,6 +61,11 @@ def sm90_tile_config(m: int) -> str:
     on nearly every shape (the other configurations stay available to the benchmark).
     """
     return "64x128_pingpong" if m <= 256 else "128x128_pingpong_c2x1"
+
+
+def sm90_config_index(m: int) -> int:
+    """Index of sm90_tile_config(m) in the extension's configuration table (what the int8_linear op takes)."""
+    return _extension.sm90_configs().index(sm90_tile_config(m))
 
 
 def _check_bits(bits: int) -> None:
@@ -135,6 +148,89 @@ def quantize_rows(x: torch.Tensor, step, zero_point, bits: int = 8, *, backend: 
     return xq.reshape(x.shape), act_zero
 
 
+def _float_vector(value, k: int, name: str, device: torch.device):
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor) or value.shape != (k,):
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise ValueError(f"{name} must be a tensor of shape ({k},) (one value per input channel), got {shape}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the input is on {device}")
+    return value.float().contiguous()
+
+
+def fused_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, *,
+                   token_group: torch.Tensor | None = None, prologue: str = "none", eps: float = 1e-6,
+                   modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   channel_scale: torch.Tensor | None = None, channel_shift: torch.Tensor | None = None,
+                   backend: str | None = None):
+    """Quantize x [..., K] together with the operation that produces it, in one pass over x.
+
+        y = prologue(x);  y = y / channel_scale - channel_shift;  xq = quantize_rows(y, step[g], zero_point[g])
+
+    prologue: "none"; "gelu_tanh" (the activation between two linear layers); "layernorm" (LayerNorm without
+    affine over K, eps, then the per-sample adaLN modulation y * mul[s] + add[s] with modulation = (mul, add),
+    float [S, K]; x holds S samples of M / S consecutive rows). channel_scale / channel_shift: an online
+    per-channel transform [K] (GPS or SmoothQuant factors not folded elsewhere).
+    step (float) / zero_point (integer): grid tables [G]. token_group: int [T], the group of each token of a
+    sequence (rows cycle through the T tokens); without it G must be 1.
+    Returns (xq int8 [..., K], act_scale float32, act_zero int32) ready for int8_linear: per row [M] with token
+    groups, else [1].
+    """
+    _check_bits(bits)
+    exact_cpu = x.dtype == torch.float64 and (backend == "reference" or not x.is_cuda)  # the exactness tests
+    if x.dtype not in ACTIVATION_DTYPES and not exact_cpu:
+        raise TypeError(f"x must be bfloat16, float16 or float32, got {x.dtype}")
+    if prologue not in reference.PROLOGUES:
+        raise ValueError(f"prologue must be one of {reference.PROLOGUES}, got {prologue!r}")
+    k = x.shape[-1]
+    _check_k(k)
+    device = x.device
+    step = step.reshape(-1).float().contiguous()
+    if zero_point.is_floating_point():
+        raise TypeError("zero_point must be an integer tensor; round it once when converting")
+    zero_point = zero_point.reshape(-1).to(torch.int32).contiguous()
+    if step.shape != zero_point.shape or step.device != device or zero_point.device != device:
+        raise ValueError(f"step and zero_point must be tables of one shape on {device}, got {tuple(step.shape)} on "
+                         f"{step.device} and {tuple(zero_point.shape)} on {zero_point.device}")
+    rows = x.numel() // k if k else 0
+    if token_group is not None:
+        token_group = token_group.reshape(-1).to(device=device, dtype=torch.int32).contiguous()
+        if token_group.numel() == 0 or rows % token_group.numel():
+            raise ValueError(f"x holds {rows} rows, not whole sequences of the {token_group.numel()} tokens of "
+                             f"token_group")
+    elif step.numel() != 1:
+        raise ValueError(f"step holds {step.numel()} groups: pass token_group to choose among them")
+    mod_mul = mod_add = None
+    if prologue == "layernorm":
+        if modulation is None:
+            raise ValueError("the layernorm prologue needs modulation=(mul, add), float [samples, K]")
+        mod_mul, mod_add = (m.float() if m.stride(-1) == 1 else m.float().contiguous() for m in modulation)
+        if mod_mul.dim() != 2 or mod_mul.shape != mod_add.shape or mod_mul.shape[1] != k:
+            raise ValueError(f"modulation tensors must both be [samples, {k}], got {tuple(mod_mul.shape)} and "
+                             f"{tuple(mod_add.shape)}")
+        if mod_mul.shape[0] == 0 or rows % mod_mul.shape[0]:
+            raise ValueError(f"x holds {rows} rows, which do not split into the {mod_mul.shape[0]} samples of the "
+                             f"modulation")
+    elif modulation is not None:
+        raise ValueError("modulation is only used by the layernorm prologue")
+    channel_scale = _float_vector(channel_scale, k, "channel_scale", device)
+    channel_shift = _float_vector(channel_shift, k, "channel_shift", device)
+    backend = _resolve_backend(backend, device)
+    if backend != "reference" and _extension.runs_elementwise(device) and k <= MAX_FUSED_K:
+        if mod_mul is not None and (mod_mul.stride(0) % 4 or mod_mul.data_ptr() % 16 or mod_add.data_ptr() % 16
+                                    or mod_mul.stride() != mod_add.stride()):
+            mod_mul, mod_add = mod_mul.contiguous(), mod_add.contiguous()
+        xq, act_scale, act_zero = _extension.ops().fused_quantize(
+            x.contiguous(), step, zero_point, token_group, bits, reference.PROLOGUES.index(prologue), eps, mod_mul,
+            mod_add, channel_scale, channel_shift)
+        return xq, act_scale, act_zero
+    xq, act_scale, act_zero = reference.fused_quantize(
+        x.reshape(-1, k), step, zero_point, token_group, bits, prologue, eps, mod_mul, mod_add, channel_scale,
+        channel_shift)
+    return xq.reshape(x.shape), act_scale, act_zero
+
+
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, act_scale, act_zero, w_scale: torch.Tensor,
                 wsum: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                 *, backend: str | None = None) -> torch.Tensor:
@@ -167,9 +263,12 @@ def int8_linear(xq: torch.Tensor, wq: torch.Tensor, act_scale, act_zero, w_scale
     backend = _resolve_backend(backend, device)
 
     if backend == "cutlass_sm90" and out_dtype in (torch.bfloat16, torch.float16):
-        config = _extension.sm90_configs().index(sm90_tile_config(x2.shape[0]))
+        config = sm90_config_index(x2.shape[0])
         out = _extension.ops().int8_linear(x2.contiguous(), wq.contiguous(), act_scale, act_zero, w_scale, wsum,
                                            bias, out_dtype, config)
+    elif backend == "cutlass_sm80" and out_dtype in (torch.bfloat16, torch.float16):
+        out = _extension.ops().int8_linear_sm80(x2.contiguous(), wq.contiguous(), act_scale, act_zero, w_scale, wsum,
+                                                bias, out_dtype, -1)
     elif backend != "reference" and x2.shape[0] > 0:
         acc = reference.int_matmul(x2.contiguous(), wq)
         if _extension.runs_elementwise(device):

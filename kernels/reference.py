@@ -59,3 +59,38 @@ def dequantize(acc, act_scale, act_zero, w_scale, wsum, bias, out_dtype: torch.d
 
 def int8_linear(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype: torch.dtype) -> torch.Tensor:
     return dequantize(int_matmul(xq, wq), act_scale, act_zero, w_scale, wsum, bias, out_dtype)
+
+
+PROLOGUES = ("none", "gelu_tanh", "layernorm")
+
+
+def fused_prologue(x: torch.Tensor, prologue: str, eps: float, mod_mul, mod_add, channel_scale, channel_shift):
+    """What the fused quantize kernel computes before quantizing x [M, K]: float32 (float64 stays float64)."""
+    y = x.double() if x.dtype == torch.float64 else x.float()
+    if prologue == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    elif prologue == "layernorm":
+        samples = mod_mul.shape[0]
+        y = torch.nn.functional.layer_norm(y, y.shape[-1:], eps=eps)
+        y = y.reshape(samples, -1, y.shape[-1])
+        y = (y * mod_mul.to(y.dtype)[:, None, :] + mod_add.to(y.dtype)[:, None, :]).reshape(-1, y.shape[-1])
+    if channel_scale is not None:
+        y = y / channel_scale.to(y.dtype)
+    if channel_shift is not None:
+        y = y - channel_shift.to(y.dtype)
+    return y
+
+
+def fused_quantize(x, step, zero_point, token_group, bits: int, prologue: str, eps: float, mod_mul, mod_add,
+                   channel_scale, channel_shift):
+    """x [M, K] -> (int8 q - c [M, K], row step, row residual): the prologue, then quantize_rows with the grid
+    of each row's token group (row m is token m % T of its sequence). The row parameters are [M] with token
+    groups, else [1]."""
+    y = fused_prologue(x, prologue, eps, mod_mul, mod_add, channel_scale, channel_shift)
+    if token_group is None:
+        row_step, row_zero = step.reshape(1), zero_point.reshape(1)
+    else:
+        group = token_group.long().repeat(x.shape[0] // token_group.numel())
+        row_step, row_zero = step[group], zero_point[group]
+    xq, residual = quantize_rows(y, row_step, row_zero, bits)
+    return xq, row_step.float(), residual

@@ -1,11 +1,11 @@
-"""Builds kernels/_C.so: CUTLASS sm_90a INT8 GEMMs with fused dequantization plus the quantize/dequantize kernels.
+"""Builds kernels/_C.so: CUTLASS INT8 GEMMs with fused dequantization (3.x for sm_90a, 2.x for sm_80/86/89) plus the
+quantize / fused quantize / dequantize kernels.
 
     pip install --no-deps nvidia-cutlass==4.2.0.0          # headers only (or set CUTLASS_DIR to a CUTLASS 4.2 tree)
     TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 python kernels/setup.py build_ext --inplace
 
 Run from anywhere; the library lands next to this file. TORCH_CUDA_ARCH_LIST defaults to 9.0a (H100/H200). Add
-Ampere/Ada targets (e.g. "8.0;8.6;8.9;9.0a") to get the quantize/dequantize kernels there: on those GPUs the
-GEMM itself is torch._int_mm (cuBLASLt) followed by the fused dequantize kernel, since the CUTLASS GEMMs are sm_90a only.
+Ampere/Ada targets (e.g. "8.0;8.6;8.9;9.0a") to get the CUTLASS 2.x GEMM and the elementwise kernels there.
 Without CUDA nothing needs building: the package falls back to its pure-PyTorch reference path.
 """
 import importlib.util

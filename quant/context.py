@@ -21,6 +21,8 @@ class TokenPositions:
     def __init__(self) -> None:
         self.ids: torch.Tensor | None = None
         self._pinned = False
+        # group index of the current positions per (TokenGroups, device): every layer of one forward shares it
+        self._group_cache: dict = {}
 
     def set(self, ids: torch.Tensor | range | Sequence[int]) -> None:
         """Set the positions, unless a caller pinned them with `at()`."""
@@ -31,6 +33,18 @@ class TokenPositions:
     def set_range(self, start: int, length: int, device: torch.device | str | None = None) -> None:
         if not self._pinned:
             self.ids = torch.arange(start, start + length, device=device)
+
+    def group_index(self, groups: "TokenGroups", num_tokens: int, device: torch.device,
+                    dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """The group of every current token, on `device` ([T] of `dtype`); computed once per set of positions, so
+        the layers of one forward pay for it once and never wait on a host-to-device copy."""
+        ids = self.require(num_tokens)
+        key = (groups, str(device), dtype)
+        cached = self._group_cache.get(key)
+        if cached is None or cached[0] is not ids:
+            cached = (ids, groups.group_of(ids.to(device)).to(dtype))
+            self._group_cache[key] = cached
+        return cached[1]
 
     @contextmanager
     def at(self, ids: torch.Tensor | range | Sequence[int]) -> Iterator["TokenPositions"]:
@@ -90,5 +104,11 @@ class TokenGroups:
 
     def group_of(self, positions: torch.Tensor) -> torch.Tensor:
         """Group index of every position (positions past the last start fall in the last group)."""
-        starts = torch.tensor(self.starts, device=positions.device, dtype=positions.dtype)
-        return torch.bucketize(positions, starts, right=True) - 1
+        if len(self.starts) > 16:
+            starts = torch.tensor(self.starts, device=positions.device, dtype=positions.dtype)
+            return torch.bucketize(positions, starts, right=True) - 1
+        # few groups: compare with Python numbers, so no starts tensor is copied to the device (a synchronising copy)
+        group = torch.zeros_like(positions)
+        for start in self.starts[1:]:
+            group += positions >= start
+        return group

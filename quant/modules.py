@@ -78,6 +78,15 @@ class QuantLinear(nn.Module):
                                                  device=self.weight.device), requires_grad=False)
         return self.bias
 
+    def _apply(self, fn, recurse=True):
+        self._cached_weight = None  # derived from the weight: recomputed on its new device / dtype, never left behind
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cached_weight"] = None  # copies and pickles recompute it instead of carrying a second weight
+        return state
+
     def quantized_weight(self) -> torch.Tensor:
         quantizer = self.weight_quantizer
         if quantizer is None or not (quantizer.enabled and quantizer.calibrated):

@@ -333,7 +333,8 @@ class UniformQuantizer(nn.Module):
         keep = None
         if self.skip_tokens_below > 0:
             keep = positions >= self.skip_tokens_below
-        group = self.token_groups.group_of(positions) if self.granularity == Granularity.TOKEN_GROUPS else None
+        group = (self.positions.group_index(self.token_groups, x.shape[-2], x.device)
+                 if self.granularity == Granularity.TOKEN_GROUPS else None)
         if self.observing:
             if keep is None:
                 self._observe(x, group)

@@ -37,3 +37,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def quantized_var_tiny(device: str = "cpu", samples: int = 4, **recipe_options):
+    """var_tiny quantized with ptq4arvg (W8A8 unless recipe_options say otherwise) on `samples` sequences it
+    generated itself. Returns (var, vae, calibration set)."""
+    from quant import quantize, recipe
+    from VAR.adapter import var_adapter
+    from VAR.calibrate import draw_labels, generate_raw_set
+    from VAR.presets import create
+
+    var, vae = create("var_tiny", device=device, seed=0)
+    labels = draw_labels(samples, var.num_classes, seed=0, official=False)
+    raw = generate_raw_set(var, vae, labels, batch_size=samples, seed=0, top_p=0.96, official_reseed=False,
+                           progress=False)
+    options = {"w_bits": 8, "a_bits": 8, "batch_size": 8, **recipe_options}
+    quantize(var, var_adapter(var), recipe("ptq4arvg", **options), raw, progress=False)
+    return var, vae, raw

@@ -204,7 +204,7 @@ def test_symmetric_weight_quantization():
 
 def test_backend_on_cpu():
     assert kernels.active_backend("cpu") == "reference"
-    assert kernels.BACKENDS == ("cutlass_sm90", "int_mm", "reference")
+    assert kernels.BACKENDS == ("cutlass_sm90", "cutlass_sm80", "int_mm", "reference")
     assert isinstance(kernels.extension_status(), str)
 
 
@@ -281,3 +281,62 @@ def test_cutlass_dispatch_passes_the_table_config(monkeypatch):
         expected = kernels.int8_linear(xq, weight.wq, 0.5, torch.tensor(3), weight.w_scale, weight.wsum)
         assert torch.equal(out, expected)
         assert calls[-1] == ((rows, 32), (1,), torch.int32, config)
+
+
+def fused_case(prologue, dtype=torch.float32, samples=3, tokens=5, k=64, groups=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(samples, tokens, k, generator=g) * 2 + 0.3).to(dtype)
+    step = torch.rand(groups, generator=g) * 0.05 + 0.01
+    zero = torch.randint(0, 64, (groups,), generator=g, dtype=torch.int32)
+    token_group = torch.randint(0, groups, (tokens,), generator=g, dtype=torch.int32)
+    modulation = (torch.randn(samples, k, generator=g) + 1, torch.randn(samples, k, generator=g)) \
+        if prologue == "layernorm" else None
+    scale, shift = torch.rand(k, generator=g) + 0.5, torch.randn(k, generator=g) * 0.1
+    return x, step, zero, token_group, modulation, scale, shift
+
+
+@pytest.mark.parametrize("prologue", ["none", "gelu_tanh", "layernorm"])
+@pytest.mark.parametrize("bits", [8, 6])
+def test_fused_quantize_equals_the_unfused_operations(prologue, bits):
+    """prologue → per-channel transform → token-group grid, each written out in plain PyTorch ops."""
+    x, step, zero, token_group, modulation, scale, shift = fused_case(prologue)
+    xq, act_scale, act_zero = kernels.fused_quantize(x, step, zero, bits, token_group=token_group, prologue=prologue,
+                                                     eps=1e-6, modulation=modulation, channel_scale=scale,
+                                                     channel_shift=shift)
+    y = x
+    if prologue == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if prologue == "layernorm":
+        y = torch.nn.functional.layer_norm(y, (64,), eps=1e-6) * modulation[0][:, None] + modulation[1][:, None]
+    y = y / scale - shift
+    rows = token_group.long().repeat(3)
+    expected, residual = reference.quantize_rows(y.reshape(-1, 64), step[rows], zero[rows], bits)
+    assert torch.equal(xq.reshape(-1, 64), expected)
+    assert torch.equal(act_scale, step[rows]) and torch.equal(act_zero, residual)
+
+
+def test_fused_quantize_without_token_groups_returns_one_grid():
+    x, step, zero, *_ = fused_case("none", groups=1)
+    xq, act_scale, act_zero = kernels.fused_quantize(x, step, zero, 8)
+    expected, residual = reference.quantize_rows(x.reshape(-1, 64), step, zero, 8)
+    assert torch.equal(xq.reshape(-1, 64), expected)
+    assert act_scale.shape == act_zero.shape == (1,) and act_zero.item() == residual.item()
+
+
+def test_fused_quantize_errors_name_the_fix():
+    x, step, zero, token_group, modulation, scale, shift = fused_case("layernorm")
+    with pytest.raises(ValueError, match="pass token_group"):
+        kernels.fused_quantize(x, step, zero, 8)
+    with pytest.raises(ValueError, match="needs modulation"):
+        kernels.fused_quantize(x, step, zero, 8, token_group=token_group, prologue="layernorm")
+    with pytest.raises(ValueError, match="do not split into the 2 samples"):
+        kernels.fused_quantize(x, step, zero, 8, token_group=token_group, prologue="layernorm",
+                               modulation=(modulation[0][:2], modulation[1][:2]))
+    with pytest.raises(ValueError, match="not whole sequences"):
+        kernels.fused_quantize(x, step, zero, 8, token_group=token_group[:4])
+    with pytest.raises(ValueError, match="prologue must be one of"):
+        kernels.fused_quantize(x, step, zero, 8, token_group=token_group, prologue="relu")
+    with pytest.raises(ValueError, match="one value per input channel"):
+        kernels.fused_quantize(x, step, zero, 8, token_group=token_group, channel_scale=scale[:8])
+    with pytest.raises(TypeError, match="integer tensor"):
+        kernels.fused_quantize(x, step, zero.float(), 8, token_group=token_group)

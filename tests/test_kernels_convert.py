@@ -6,12 +6,10 @@ import torch
 from torch import nn
 
 from kernels.convert import Int8Linear, convert
-from quant import QuantLinear, quantize, recipe
+from quant import QuantLinear
 from quant.context import TokenGroups, TokenPositions
 from quant.quantizers import UniformQuantizer
-from VAR.adapter import var_adapter
-from VAR.calibrate import draw_labels, generate_raw_set
-from VAR.presets import create
+from tests.conftest import quantized_var_tiny
 
 
 def calibrated_layer(bits, w_symmetric=False, groups=None, dtype=torch.float64):
@@ -51,10 +49,7 @@ def test_asymmetric_8bit_weights_are_reported():
 
 
 def test_var_tiny_converted_matches_fake_quant():
-    var, vae = create("var_tiny", seed=0)
-    labels = draw_labels(4, var.num_classes, seed=0, official=False)
-    raw = generate_raw_set(var, vae, labels, batch_size=4, seed=0, top_p=0.96, official_reseed=False, progress=False)
-    quantize(var, var_adapter(var), recipe("ptq4arvg", w_bits=6, a_bits=6, batch_size=8), raw, progress=False)
+    var, vae, raw = quantized_var_tiny(w_bits=6, a_bits=6)
     real = copy.deepcopy(var)
     report = convert(real)
     assert not report.skipped and len(report.converted) == 5 * var.depth + 2
@@ -77,10 +72,7 @@ def test_convert_refuses_an_unquantized_model():
 
 def test_int8_kv_cache_matches_fake_quant_k_and_v():
     """The INT8 cache stores exactly the fake-quant K and V codes: sampling gives the same logits."""
-    var, vae = create("var_tiny", seed=0)
-    labels = draw_labels(4, var.num_classes, seed=0, official=False)
-    raw = generate_raw_set(var, vae, labels, batch_size=4, seed=0, top_p=0.96, official_reseed=False, progress=False)
-    quantize(var, var_adapter(var), recipe("ptq4arvg", w_bits=8, a_bits=8, batch_size=8), raw, progress=False)
+    var, vae, raw = quantized_var_tiny()
     from VAR.sampling import autoregressive_infer_cfg
     idx, lab = raw.tensors["idx_BL"][:2], raw.tensors["labels"][:2]
     fake_steps, kv_steps = [], []
@@ -98,3 +90,21 @@ def test_int8_kv_cache_matches_fake_quant_k_and_v():
     fake = torch.cat([s.logits_BlV for s in fake_steps], 1)
     kv = torch.cat([s.logits_BlV for s in kv_steps], 1)
     assert (kv - fake).abs().max().item() <= 1e-4 * fake.abs().max().item()
+
+
+def test_var_fused_int8_blocks_equal_the_unfused_int8_model():
+    """LayerNorm + adaLN modulation and GELU moved into the quantize kernels: the same float32 arithmetic, so the
+    same logits as the converted but unfused model (CPU reference path)."""
+    from VAR.deploy import FusedAdaLNSelfAttn, to_int8
+    var, vae, raw = quantized_var_tiny(w_symmetric=True)
+    unfused, fused = copy.deepcopy(var), copy.deepcopy(var)
+    convert(unfused, attention="sdpa")
+    report = to_int8(fused, attention="sdpa")
+    assert f"{var.depth} of {var.depth} blocks" in str(report)
+    assert all(type(b) is FusedAdaLNSelfAttn and b.ffn.fc2.prologue == "gelu_tanh" for b in fused.blocks)
+    batch = raw.tensors
+    with torch.no_grad():
+        expected = unfused(batch["labels"], batch["x_BLCv_wo_first_l"])
+        out = fused(batch["labels"], batch["x_BLCv_wo_first_l"])
+    assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert copy.deepcopy(fused).blocks[0].ffn.fc2.prologue == "gelu_tanh"

@@ -284,6 +284,173 @@ def test_torch_compile(sm90):
 def test_backend_reporting(extension):
     archs = extension.compiled_archs()
     assert len(archs) >= 1 and all(a >= 500 for a in archs)
-    expected = "cutlass_sm90" if torch.cuda.get_device_capability() == (9, 0) and 900 in archs else "int_mm"
+    capability = torch.cuda.get_device_capability()
+    expected = ("cutlass_sm90" if capability == (9, 0) and 900 in archs
+                else "cutlass_sm80" if _extension.runs_sm80_gemm(torch.device("cuda")) else "int_mm")
     assert kernels.active_backend() == expected
     assert kernels.active_backend("cpu") == "reference"
+
+
+def fused_inputs(prologue, dtype, k, samples=4, tokens=13, groups=3, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(samples, tokens, k, device="cuda", generator=g) * 2 + 0.3).to(dtype)
+    step = torch.rand(groups, device="cuda", generator=g) * 0.02 + 0.01
+    zero = torch.randint(0, 100, (groups,), device="cuda", generator=g, dtype=torch.int32)
+    token_group = torch.randint(0, groups, (tokens,), device="cuda", generator=g, dtype=torch.int32)
+    # the modulation as VAR passes it: strided views of one adaLN output
+    ada = torch.randn(samples, 6 * k, device="cuda", generator=g)
+    modulation = (ada[:, 2 * k:3 * k] + 1, ada[:, 4 * k:5 * k]) if prologue == "layernorm" else None
+    scale = torch.rand(k, device="cuda", generator=g) + 0.5
+    shift = torch.randn(k, device="cuda", generator=g) * 0.1
+    return x, step, zero, dict(token_group=token_group, prologue=prologue, eps=1e-6, modulation=modulation,
+                               channel_scale=scale, channel_shift=shift)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("prologue", ["none", "gelu_tanh", "layernorm"])
+@pytest.mark.parametrize("k", [64, 1024, 1920, 7680])
+def test_fused_quantize_kernel_matches_reference(extension, dtype, prologue, k):
+    x, step, zero, options = fused_inputs(prologue, dtype, k)
+    xq, act_scale, act_zero = kernels.fused_quantize(x, step, zero, 8, **options)
+    ref, ref_scale, ref_zero = kernels.fused_quantize(x, step, zero, 8, backend="reference", **options)
+    assert torch.equal(act_scale, ref_scale) and torch.equal(act_zero, ref_zero)
+    diff = (xq.int() - ref.int()).abs()
+    if prologue == "none":  # the same IEEE operations: bit-exact
+        assert torch.equal(xq, ref)
+    else:  # tanh and the LayerNorm's reduction order may differ in the last bit: a code one step off, rarely
+        assert diff.max().item() <= 1 and diff.float().mean().item() <= 1e-3
+
+
+def test_fused_quantize_in_a_cuda_graph(extension):
+    x, step, zero, options = fused_inputs("layernorm", torch.float32, 1024)
+    expected = kernels.fused_quantize(x, step, zero, 8, **options)[0]
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        kernels.fused_quantize(static_x, step, zero, 8, **options)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernels.fused_quantize(static_x, step, zero, 8, **options)[0]
+    static_x.copy_(x.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, kernels.fused_quantize(x.flip(1).contiguous(), step, zero, 8, **options)[0])
+    assert not torch.equal(static_out, expected)
+
+
+def test_fused_var_is_as_close_to_fake_quant_as_the_unfused_int8_model(sm90):
+    """On the GPU the fused path skips the bf16 roundings of the normalised and GELU activations: it must be at
+    least as close to the fake-quant model as the unfused INT8 model is."""
+    import copy
+
+    from kernels.convert import convert
+    from tests.conftest import quantized_var_tiny
+    from VAR.deploy import to_int8
+
+    var, vae, raw = quantized_var_tiny("cuda", samples=8, w_symmetric=True)
+    unfused, fused = copy.deepcopy(var), copy.deepcopy(var)
+    convert(unfused, attention="sdpa")
+    to_int8(fused, attention="sdpa")
+    var.blocks.apply(lambda m: setattr(m, "explicit_matmuls", False) if hasattr(m, "explicit_matmuls") else None)
+    batch = {k: v.cuda() for k, v in raw.tensors.items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        fake = var(batch["labels"], batch["x_BLCv_wo_first_l"]).float()
+        errors = [((m(batch["labels"], batch["x_BLCv_wo_first_l"]).float() - fake).norm() / fake.norm()).item()
+                  for m in (unfused, fused)]
+    assert errors[1] <= 1.2 * errors[0] + 1e-3, errors
+
+
+def test_fused_int8_var_graphed_sampling_equals_eager(sm90):
+    """The fused INT8 model (and its INT8 KV cache) under CUDA graphs samples the eager model's tokens."""
+    import copy
+
+    import numpy as np
+
+    from tests.conftest import quantized_var_tiny
+    from VAR.deploy import to_int8
+    from VAR.sampling import make_sample_fn
+
+    var, vae, _ = quantized_var_tiny("cuda", w_symmetric=True)
+    for kv_cache in ("model", "int8"):
+        model = copy.deepcopy(var)
+        to_int8(model, attention="sdpa", kv_cache=kv_cache)
+        eager = make_sample_fn(model, vae, dtype="bf16")
+        graphed = make_sample_fn(model, vae, dtype="bf16", cuda_graphs=True)
+        for seed in (1, 2):
+            expected, got = eager(np.arange(4), seed), graphed(np.arange(4), seed)
+            assert np.array_equal(expected["idx_BL"], got["idx_BL"]), kv_cache
+
+
+@pytest.mark.parametrize("groups", [None, (0, 1, 4)])
+def test_int8_linear_direct_path_equals_the_public_ops(sm90, groups):
+    """Int8Linear calls the extension ops directly on sm_90; the result equals the checked public functions."""
+    from torch import nn
+
+    from kernels.convert import Int8Linear, LayerNormModulated
+    from quant import QuantLinear
+    from quant.context import TokenGroups, TokenPositions
+    from quant.quantizers import UniformQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    positions = TokenPositions()
+    token_groups = TokenGroups(groups) if groups else None
+    iq = UniformQuantizer(8, granularity="token_groups" if groups else "tensor", token_groups=token_groups,
+                          positions=positions)
+    layer = QuantLinear.from_linear(nn.Linear(256, 512), UniformQuantizer(8, True, granularity="out_channel", size=512),
+                                    iq)
+    layer.weight_quantizer.calibrate_weight(layer.weight)
+    x = torch.randn(6, 10, 256, generator=g) * 2
+    with positions.at(range(10)), torch.no_grad():
+        iq.start_observing(), iq(x), iq.finish_observing()
+    layer.input_transform.compose(torch.rand(256, generator=g) + 0.5, torch.randn(256, generator=g) * 0.1)
+    int8 = Int8Linear(layer).cuda()
+    x = x.cuda().to(torch.bfloat16)
+    mul, add = torch.randn(6, 1, 256, device="cuda") + 1, torch.randn(6, 1, 256, device="cuda")
+    with positions.at(torch.arange(10, device="cuda")), torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        token_group = positions.group_index(token_groups, 10, x.device, torch.int32) if groups else None
+        for inputs, prologue in ((x, "none"), (LayerNormModulated(x.float(), 1e-6, mul, add), "layernorm")):
+            direct = int8(inputs)
+            source = x if prologue == "none" else x.float()
+            xq, act_scale, act_zero = kernels.fused_quantize(
+                source, int8.act_step, int8.act_zero, 8, token_group=token_group, prologue=prologue, eps=1e-6,
+                modulation=(mul.reshape(6, 256), add.reshape(6, 256)) if prologue == "layernorm" else None,
+                channel_scale=int8.channel_scale, channel_shift=int8.channel_shift)
+            public = kernels.int8_linear(xq, int8.wq, act_scale, act_zero, int8.w_scale, int8.wsum, int8.bias)
+            assert direct.dtype == torch.bfloat16 and torch.equal(direct, public), prologue
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_kv_decode_kernel_equals_the_torch_formula(extension, dtype):
+    """The INT8 KV cache is read back by one kernel, from a view of the filled part of the preallocated cache."""
+    from kernels.kv_cache import Int8Codec
+
+    codec = Int8Codec(torch.tensor(0.0123), torch.tensor(131.0), 8)
+    buffer = torch.randint(-128, 128, (2, 3, 4, 50, 64), dtype=torch.int8, device="cuda")
+    view = buffer[0, :, :, :37]
+    got = codec.decode(view, dtype)
+    expected = (view.to(dtype) + (codec.offset - codec.zero).to(dtype)) * codec.step.to(dtype)
+    assert got.shape == view.shape and got.dtype == dtype
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 1024, 3072), (200, 4096, 1024), (333, 1920, 7680), (3200, 1024, 4096)])
+@pytest.mark.parametrize("tile", [0, 1])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_cutlass_sm80_gemm_matches_reference(extension, M, K, N, tile, out_dtype):
+    """The CUTLASS 2.x kernel (Ampere/Ada; also runs on later GPUs), each tile, per-row and scalar parameters."""
+    if not _extension.runs_sm80_gemm(torch.device("cuda")):
+        pytest.skip("needs an sm_80 or newer GPU")
+    for per_row in (False, True):
+        x, step, zero, weight, bias = make_layer(M, K, N, per_row=per_row, seed=M + tile)
+        xq, act_zero = kernels.quantize_rows(x, step, zero, 8)
+        act_scale = step if per_row else step.reshape(1)
+        out = extension.int8_linear_sm80(xq, weight.wq, act_scale, act_zero, weight.w_scale, weight.wsum, bias,
+                                         out_dtype, tile)
+        exact = reference.int8_linear(xq, weight.wq, act_scale, act_zero, weight.w_scale, weight.wsum, bias,
+                                      torch.float32)
+        assert_within_rounding(out, exact, BF16_HALF_ULP if out_dtype == torch.bfloat16 else FP16_HALF_ULP)
+    auto = kernels.int8_linear(xq, weight.wq, act_scale, act_zero, weight.w_scale, weight.wsum, bias, out_dtype,
+                               backend="cutlass_sm80")
+    assert_within_rounding(auto, exact, BF16_HALF_ULP if out_dtype == torch.bfloat16 else FP16_HALF_ULP)

@@ -227,3 +227,24 @@ def test_recipe_parsing_and_errors():
     with pytest.raises(ValueError, match="non-empty calibration set"):
         model = SyntheticARVG(SMALL)
         quantize(model, synthetic_adapter(model), recipe("rtn"), None)
+
+
+def test_cached_fake_quant_weight_follows_moves_and_is_not_copied():
+    """The cached fake-quant weight is derived state: a device/dtype move or a deep copy must not keep the old one
+    (it held a second copy of every weight on the GPU after model.cpu())."""
+    import copy
+
+    from torch import nn
+
+    from quant import QuantLinear
+    from quant.quantizers import UniformQuantizer
+
+    layer = QuantLinear.from_linear(nn.Linear(16, 8), UniformQuantizer(8, granularity="out_channel", size=8), None)
+    layer.weight_quantizer.calibrate_weight(layer.weight)
+    x = torch.randn(3, 16)
+    expected = layer(x)
+    assert layer._cached_weight is not None
+    assert copy.deepcopy(layer)._cached_weight is None
+    layer.double()
+    assert layer._cached_weight is None
+    assert torch.allclose(layer(x.double()).float(), expected, atol=1e-5)

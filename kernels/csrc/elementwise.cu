@@ -2,6 +2,7 @@
 // after torch._int_mm where the fused sm_90a GEMM is not available. Compiled for every architecture in the
 // build's arch list. No fast-math: rounding must equal PyTorch's (IEEE division, round-half-to-even).
 #include "launchers.h"
+#include "quantize_math.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,203 +23,6 @@ static constexpr int kCompiledArchs[] = {0};
 namespace {
 
 constexpr int kThreads = 256;
-
-template <class T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ float from_float(float v) { return v; }
-
-// Fixed-size register array that can be moved through memory as 16-byte (or 8-byte) words.
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-// ---- Row quantization ---------------------------------------------------------------------------------------------
-//
-// Every code must equal the reference's, clamp(round(x / s) + z, 0, 2^b - 1) - c with an IEEE float32 division and
-// round-half-to-even. Done literally, each element costs a division, a rounding and a float -> int conversion, all
-// on the multiprocessor's quarter-rate units, which held the kernel to half the copy bandwidth. Instead the kernel
-// prepares inv = RN(1 / s) once per chunk of a row (8 to 32 elements) and, per element, uses full-rate instructions:
-//   * x / s exactly, by two Markstein corrections of q = RN(x * inv): q <- RN(q + (x - s q) inv), each residual
-//     exact in one fma. After the first, q is within one ulp of x / s; with inv = RN(1 / s) the second yields
-//     RN(x / s) (Markstein's theorem) as long as nothing overflows or underflows, which holds for
-//     2^-30 <= |s| <= 2^30 and |x| <= 2^64. Larger |x| (and infinities) are clamped to 2^64, whose quotient lies
-//     beyond every grid anyway; an |x| small enough to make the residual subnormal has |x / s| < 2^-70, which
-//     rounds to 0 either way.
-//   * the rounding after the clamp: for integer bounds, clamp(round(q), -z, 2^b - 1 - z) equals
-//     round(clamp(q, -z, 2^b - 1 - z)); adding 1.5 * 2^23 to a float below 2^22 in magnitude rounds it half to
-//     even onto an integer held in the low mantissa bits, so the code is one integer subtraction away from the
-//     sum's bits (needs |z| <= 2^20).
-// Rows whose step or zero point lies outside those ranges take the literal formula.
-constexpr int kQuantizeThreads = 128;
-constexpr int kMaxDevices = 64;
-constexpr float kLargeInput = 0x1p64f;    // |x| clamp of the fast path: keeps x * inv finite
-constexpr float kRoundMagic = 0x1.8p23f;  // 1.5 * 2^23
-constexpr int32_t kRoundMagicBits = 0x4B400000;
-
-__host__ __device__ __forceinline__ uint32_t float_bits(float v) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(v);
-#else
-  uint32_t b;
-  std::memcpy(&b, &v, sizeof(b));
-  return b;
-#endif
-}
-
-__host__ __device__ __forceinline__ float bits_float(uint32_t b) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(b);
-#else
-  float v;
-  std::memcpy(&v, &b, sizeof(v));
-  return v;
-#endif
-}
-
-// Correctly rounded operations that the compiler may not contract into a neighbouring fma.
-__host__ __device__ __forceinline__ float mul_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-__host__ __device__ __forceinline__ float add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-__host__ __device__ __forceinline__ float div_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-__host__ __device__ __forceinline__ float reciprocal_rn(float a) {
-#ifdef __CUDA_ARCH__
-  return __frcp_rn(a);
-#else
-  return 1.f / a;
-#endif
-}
-
-__host__ __device__ __forceinline__ int32_t clamp_int(int32_t v, int32_t lo, int32_t hi) {
-  return v < lo ? lo : (v > hi ? hi : v);
-}
-
-// The b-bit grid of one row, prepared once per chunk (8 to 32 elements of one row).
-struct RowGrid {
-  float step, inv_step;  // s and RN(1 / s)
-  float lo, hi;          // -z and 2^b - 1 - z: clamping x / s to them clamps the code to [0, 2^b - 1]
-  float zero_f, qmax_f;  // z and 2^b - 1, for the literal formula
-  int32_t zero, offset;  // z and c = clamp(z, 2^b - 128, 128), which keeps q - c inside int8
-  int32_t code_bias;     // bits(rounded + 1.5 * 2^23) - code_bias = round(x / s) + z - c
-  bool fast;             // s and z inside the ranges where the fast arithmetic is exact
-};
-
-__host__ __device__ __forceinline__ RowGrid make_row_grid(float s, int32_t z, int bits) {
-  RowGrid g;
-  const int32_t qmax = (1 << bits) - 1;
-  const float magnitude = fabsf(s);
-  g.fast = magnitude >= 0x1p-30f && magnitude <= 0x1p30f && z >= -(1 << 20) && z <= (1 << 20);
-  const int32_t zc = clamp_int(z, -(1 << 20), 1 << 20);  // z on fast rows; keeps the others free of overflow
-  g.step = s;
-  g.inv_step = reciprocal_rn(g.fast ? s : 1.f);
-  g.lo = static_cast<float>(-zc);
-  g.hi = static_cast<float>(qmax - zc);
-  g.zero_f = static_cast<float>(z);
-  g.qmax_f = static_cast<float>(qmax);
-  g.zero = z;
-  g.offset = clamp_int(z, (1 << bits) - 128, 128);
-  g.code_bias = kRoundMagicBits - zc + g.offset;
-  return g;
-}
-
-// RN(x / s) on fast rows, for |x| <= 2^64 (see above).
-__host__ __device__ __forceinline__ float divide_by_step(float x, const RowGrid& g) {
-  const float q = mul_rn(x, g.inv_step);
-  const float q1 = fmaf(fmaf(-g.step, q, x), g.inv_step, q);
-  return fmaf(fmaf(-g.step, q1, x), g.inv_step, q1);
-}
-
-// q - c of one element, an int32 in [-128, 127].
-template <bool kFast>
-__host__ __device__ __forceinline__ int32_t quantize_element(float x, const RowGrid& g) {
-  if constexpr (kFast) {
-    // NaN becomes -2^64, hence code 0, as in the literal formula (fmaxf returns the number)
-    const float q = divide_by_step(fminf(fmaxf(x, -kLargeInput), kLargeInput), g);
-    const float clamped = fminf(fmaxf(q, g.lo), g.hi);
-    return static_cast<int32_t>(float_bits(add_rn(clamped, kRoundMagic))) - g.code_bias;
-  } else {
-    float r = add_rn(rintf(div_rn(x, g.step)), g.zero_f);
-    r = fminf(fmaxf(r, 0.f), g.qmax_f);
-    return static_cast<int32_t>(r) - g.offset;
-  }
-}
-
-__host__ __device__ __forceinline__ uint32_t pack_int8x4(int32_t a, int32_t b, int32_t c, int32_t d) {
-  return (static_cast<uint32_t>(a) & 0xffu) | ((static_cast<uint32_t>(b) & 0xffu) << 8) |
-         ((static_cast<uint32_t>(c) & 0xffu) << 16) | (static_cast<uint32_t>(d) << 24);
-}
-
-// 32-bit word i of registers loaded as 16-byte vectors (i is a compile-time constant once unrolled).
-template <int N>
-__host__ __device__ __forceinline__ uint32_t word(const uint4 (&v)[N], int i) {
-  const uint4& w = v[i / 4];
-  switch (i % 4) {
-    case 0: return w.x;
-    case 1: return w.y;
-    case 2: return w.z;
-    default: return w.w;
-  }
-}
-
-// Element i, as float, of a chunk of T loaded as 16-byte vectors.
-template <class T>
-struct ChunkElement;
-template <>
-struct ChunkElement<__nv_bfloat16> {
-  template <int N>
-  __host__ __device__ static float get(const uint4 (&v)[N], int i) {
-    const uint32_t w = word(v, i / 2);
-    return bits_float(i % 2 ? (w & 0xffff0000u) : (w << 16));  // bf16 is the top half of a float
-  }
-};
-template <>
-struct ChunkElement<__half> {
-  template <int N>
-  __host__ __device__ static float get(const uint4 (&v)[N], int i) {
-    const uint32_t w = word(v, i / 2);
-    return __half2float(__ushort_as_half(static_cast<unsigned short>(i % 2 ? w >> 16 : w & 0xffffu)));
-  }
-};
-template <>
-struct ChunkElement<float> {
-  template <int N>
-  __host__ __device__ static float get(const uint4 (&v)[N], int i) {
-    return bits_float(word(v, i));
-  }
-};
-
-template <class T, bool kFast, int N, int kWords>
-__host__ __device__ __forceinline__ void quantize_chunk(const uint4 (&in)[N], const RowGrid& g,
-                                                        uint32_t (&codes)[kWords]) {
-#pragma unroll
-  for (int j = 0; j < kWords; ++j) {
-    codes[j] = pack_int8x4(quantize_element<kFast>(ChunkElement<T>::get(in, 4 * j), g),
-                           quantize_element<kFast>(ChunkElement<T>::get(in, 4 * j + 1), g),
-                           quantize_element<kFast>(ChunkElement<T>::get(in, 4 * j + 2), g),
-                           quantize_element<kFast>(ChunkElement<T>::get(in, 4 * j + 3), g));
-  }
-}
 
 // A grid-stride loop over chunks of kVec consecutive elements of one row (16-byte loads, 8- or 16-byte stores),
 // with as many blocks as fit on the GPU at once. The chunk's (row, column) is stepped by the grid's stride
@@ -370,6 +174,174 @@ __global__ void dequantize_kernel(const int32_t* __restrict__ acc, T* __restrict
 
 unsigned blocks_for(uint32_t work) { return (work + kThreads - 1) / kThreads; }
 
+// 16 codes per thread: one 16-byte load, 16 output elements written as 16-byte vectors.
+template <class T>
+__global__ void dequantize_codes_kernel(const int8_t* __restrict__ codes, T* __restrict__ out,
+                                        const float* __restrict__ params, uint64_t chunks, uint64_t chunks_per_row,
+                                        uint64_t row_stride) {
+  const uint64_t chunk = static_cast<uint64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (chunk >= chunks) return;
+  const float shift = params[0], scale = params[1];
+  const uint64_t row = chunk / chunks_per_row;
+  const int8_t* src_row = codes + row * row_stride;
+  const uint4 packed = reinterpret_cast<const uint4*>(src_row)[chunk - row * chunks_per_row];
+  const uint32_t words[4] = {packed.x, packed.y, packed.z, packed.w};
+  Pack<T, 16> y;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const auto code = static_cast<int8_t>((words[i / 4] >> (8 * (i % 4))) & 0xffu);
+    y.v[i] = from_float<T>(mul_rn(add_rn(static_cast<float>(code), shift), scale));
+  }
+  constexpr int kVectors = 16 * static_cast<int>(sizeof(T)) / 16;
+  const auto* src = reinterpret_cast<const uint4*>(&y);
+  uint4* dst = reinterpret_cast<uint4*>(out) + chunk * kVectors;
+#pragma unroll
+  for (int i = 0; i < kVectors; ++i) dst[i] = src[i];
+}
+
+// ---- Quantization fused with its producer ---------------------------------------------------------------------------
+//
+// One thread block per row, one 8-element chunk per thread: the whole row sits in registers, so the LayerNorm's two
+// reductions (mean, then the variance about it) cost no second read. The arithmetic mirrors PyTorch's in float32
+// (no fused multiply-adds where PyTorch rounds twice); the activation's own value is never rounded to 16 bits.
+
+// Sum over the block; every thread gets the total. `partial` holds one value per warp.
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  float total = lane < static_cast<int>(blockDim.x / 32) ? partial[lane] : 0.f;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) total += __shfl_xor_sync(0xffffffffu, total, offset);
+  __syncthreads();  // `partial` is reused by the next reduction
+  return total;
+}
+
+// GELU with the tanh approximation, as PyTorch computes it in float32.
+__device__ __forceinline__ float gelu_tanh(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  const float inner = kBeta * (x + kKappa * (x * x * x));
+  return 0.5f * x * (1.f + tanhf(inner));
+}
+
+__device__ __forceinline__ void load_floats8(const float* p, float (&v)[8]) {
+  const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
+  v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
+  v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+}
+
+template <class T, Prologue kPrologue>
+__global__ void __launch_bounds__(1024) fused_quantize_kernel(const FusedQuantizeArgs a) {
+  __shared__ float partial[32];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  constexpr int kInVectors = 8 * static_cast<int>(sizeof(T)) / 16;
+  const int64_t row = blockIdx.x;
+  const int64_t col = 8 * static_cast<int64_t>(threadIdx.x);
+  const bool active = col < a.cols;
+  float v[8] = {};
+  if (active) {
+    uint4 in[kInVectors];
+    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + row * a.cols + col);
+#pragma unroll
+    for (int i = 0; i < kInVectors; ++i) in[i] = src[i];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = ChunkElement<T>::get(in, i);
+  }
+
+  if constexpr (kPrologue == Prologue::kLayerNormModulate) {
+    const float cols = static_cast<float>(a.cols);
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sum += v[i];
+    const float mean = block_sum(sum, partial) / cols;
+    float squares = 0.f;
+    if (active) {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) squares += (v[i] - mean) * (v[i] - mean);
+    }
+    const float rstd = 1.f / sqrtf(block_sum(squares, partial) / cols + a.eps);
+    if (active) {
+      const int64_t sample = row / a.rows_per_sample;
+      float mul[8], add[8];
+      load_floats8(a.mod_mul + sample * a.mod_stride + col, mul);
+      load_floats8(a.mod_add + sample * a.mod_stride + col, add);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = add_rn(mul_rn(mul_rn(add_rn(v[i], -mean), rstd), mul[i]), add[i]);
+    }
+  } else if constexpr (kPrologue == Prologue::kGeluTanh) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = gelu_tanh(v[i]);
+  }
+  if (!active) return;  // no block-wide synchronisation below
+
+  if (a.channel_scale != nullptr) {
+    float scale[8];
+    load_floats8(a.channel_scale + col, scale);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = div_rn(v[i], scale[i]);
+  }
+  if (a.channel_shift != nullptr) {
+    float shift[8];
+    load_floats8(a.channel_shift + col, shift);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) v[i] = add_rn(v[i], -shift[i]);
+  }
+
+  const int32_t group = a.token_group != nullptr ? a.token_group[row % a.period] : 0;
+  const RowGrid g = make_row_grid(a.step[group], a.zero[group], a.bits);
+  uint32_t codes[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (g.fast) {
+      codes[j] = pack_int8x4(quantize_element<true>(v[4 * j], g), quantize_element<true>(v[4 * j + 1], g),
+                             quantize_element<true>(v[4 * j + 2], g), quantize_element<true>(v[4 * j + 3], g));
+    } else {
+      codes[j] = pack_int8x4(quantize_element<false>(v[4 * j], g), quantize_element<false>(v[4 * j + 1], g),
+                             quantize_element<false>(v[4 * j + 2], g), quantize_element<false>(v[4 * j + 3], g));
+    }
+  }
+  *reinterpret_cast<uint2*>(a.out + row * a.cols + col) = make_uint2(codes[0], codes[1]);
+  if (threadIdx.x == 0 && (a.token_group != nullptr || row == 0)) {
+    const int64_t i = a.token_group != nullptr ? row : 0;
+    a.row_step[i] = g.step;
+    a.residual[i] = g.zero - g.offset;
+  }
+}
+
+// Whether kernels may be launched programmatically on the current device: as in quantize_launch_plan, which
+// this reuses (its occupancy figure is not needed here).
+bool programmatic_launch_allowed() { return quantize_launch_plan<float, 16>().programmatic; }
+
+template <class T, Prologue kPrologue>
+void launch_fused_quantize_of(const FusedQuantizeArgs& a, cudaStream_t stream) {
+  const int chunks = static_cast<int>(a.cols / 8);
+  cudaLaunchAttribute programmatic{};
+  programmatic.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  programmatic.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(static_cast<unsigned>(a.rows));
+  config.blockDim = dim3(static_cast<unsigned>(std::max(32, (chunks + 31) / 32 * 32)));
+  config.stream = stream;
+  config.attrs = &programmatic;
+  config.numAttrs = programmatic_launch_allowed() ? 1 : 0;
+  cudaLaunchKernelEx(&config, fused_quantize_kernel<T, kPrologue>, a);
+}
+
+template <class T>
+void launch_fused_quantize_with(const FusedQuantizeArgs& a, cudaStream_t stream) {
+  switch (a.prologue) {
+    case Prologue::kNone: launch_fused_quantize_of<T, Prologue::kNone>(a, stream); break;
+    case Prologue::kGeluTanh: launch_fused_quantize_of<T, Prologue::kGeluTanh>(a, stream); break;
+    case Prologue::kLayerNormModulate: launch_fused_quantize_of<T, Prologue::kLayerNormModulate>(a, stream); break;
+  }
+}
+
 }  // namespace
 
 void launch_quantize_rows(const QuantizeArgs& a, cudaStream_t stream) {
@@ -377,6 +349,37 @@ void launch_quantize_rows(const QuantizeArgs& a, cudaStream_t stream) {
     case OutDtype::kBFloat16: launch_quantize_rows_of<__nv_bfloat16>(a, stream); break;
     case OutDtype::kFloat16: launch_quantize_rows_of<__half>(a, stream); break;
     case OutDtype::kFloat32: launch_quantize_rows_of<float>(a, stream); break;
+  }
+}
+
+void launch_fused_quantize(const FusedQuantizeArgs& a, cudaStream_t stream) {
+  if (a.rows == 0 || a.cols == 0) return;
+  switch (static_cast<OutDtype>(a.in_dtype)) {
+    case OutDtype::kBFloat16: launch_fused_quantize_with<__nv_bfloat16>(a, stream); break;
+    case OutDtype::kFloat16: launch_fused_quantize_with<__half>(a, stream); break;
+    case OutDtype::kFloat32: launch_fused_quantize_with<float>(a, stream); break;
+  }
+}
+
+void launch_dequantize_codes(const DequantizeCodesArgs& a, cudaStream_t stream) {
+  const uint64_t per_row = static_cast<uint64_t>(a.row_len) / 16;
+  const uint64_t chunks = static_cast<uint64_t>(a.rows) * per_row;
+  const auto blocks = static_cast<unsigned>((chunks + kThreads - 1) / kThreads);
+  if (blocks == 0) return;
+  const auto stride = static_cast<uint64_t>(a.row_stride);
+  switch (a.out_dtype) {
+    case OutDtype::kBFloat16:
+      dequantize_codes_kernel<<<blocks, kThreads, 0, stream>>>(a.codes, static_cast<__nv_bfloat16*>(a.out), a.params,
+                                                               chunks, per_row, stride);
+      break;
+    case OutDtype::kFloat16:
+      dequantize_codes_kernel<<<blocks, kThreads, 0, stream>>>(a.codes, static_cast<__half*>(a.out), a.params, chunks,
+                                                               per_row, stride);
+      break;
+    case OutDtype::kFloat32:
+      dequantize_codes_kernel<<<blocks, kThreads, 0, stream>>>(a.codes, static_cast<float*>(a.out), a.params, chunks,
+                                                               per_row, stride);
+      break;
   }
 }
 

@@ -32,6 +32,40 @@ struct QuantizeArgs {
 };
 void launch_quantize_rows(const QuantizeArgs& args, cudaStream_t stream);
 
+// The quantize kernel fused with the operation that produces its input, one row per thread block:
+//   y = prologue(x[m, :]);  y = y / channel_scale - channel_shift (optional);  then y is quantized as above with
+//   the grid of the row's token group: (step, zero)[token_group[m % period]] (one grid when token_group is null).
+// Prologues: none; GELU (tanh approximation); LayerNorm without affine followed by the per-sample modulation
+//   y * mod_mul[s, :] + mod_add[s, :], s = m / rows_per_sample (adaLN).
+// Also writes the row parameters the GEMM epilogue takes: row_step[m] and residual[m] (both [1] without token
+// groups), residual = zero - offset as in QuantizeArgs.
+enum class Prologue : int { kNone = 0, kGeluTanh = 1, kLayerNormModulate = 2 };
+
+struct FusedQuantizeArgs {
+  const void* x = nullptr;  // [rows, cols], bf16 / fp16 / fp32, contiguous, 16-byte aligned
+  int in_dtype = 0;         // OutDtype numbering
+  int8_t* out = nullptr;    // [rows, cols]
+  float* row_step = nullptr;     // [rows], or [1] without token groups
+  int32_t* residual = nullptr;   // same length as row_step
+  const float* step = nullptr;   // [groups]
+  const int32_t* zero = nullptr; // [groups]
+  const int32_t* token_group = nullptr;  // [period] or null
+  int64_t period = 1;
+  int64_t rows = 0;
+  int64_t cols = 0;  // multiple of 8, at most 8 * 1024
+  int bits = 8;
+  Prologue prologue = Prologue::kNone;
+  float eps = 1e-6f;
+  const float* mod_mul = nullptr;  // [samples, cols] rows mod_stride apart (kLayerNormModulate)
+  const float* mod_add = nullptr;
+  int64_t mod_stride = 0;
+  int64_t rows_per_sample = 1;
+  const float* channel_scale = nullptr;  // [cols] or null
+  const float* channel_shift = nullptr;  // [cols] or null
+};
+constexpr int kFusedQuantizeMaxCols = 8 * 1024;
+void launch_fused_quantize(const FusedQuantizeArgs& args, cudaStream_t stream);
+
 // out[m, n] = out_dtype( act_scale[m] * (w_scale[n] * float(acc - act_zero[m] * wsum[n])) + bias[n] )
 // acc is int32: either a finished [M, N] tensor (dequantize) or the GEMM accumulator (fused epilogue).
 struct EpilogueArgs {
@@ -50,6 +84,19 @@ struct DequantizeArgs {
   int64_t M = 0, N = 0;  // N multiple of 4
 };
 void launch_dequantize(const DequantizeArgs& args, cudaStream_t stream);
+
+// Codes stored as int8 read back in a float dtype: out = T((float(code) + shift) * scale), shift and scale read
+// from the device (params = [shift, scale]). codes: rows of row_len values, row_stride apart (a view of the
+// filled part of a preallocated INT8 KV cache); out: dense [rows, row_len]. row_len and row_stride are
+// multiples of 16.
+struct DequantizeCodesArgs {
+  const int8_t* codes = nullptr;
+  void* out = nullptr;
+  OutDtype out_dtype = OutDtype::kBFloat16;
+  const float* params = nullptr;
+  int64_t rows = 0, row_len = 0, row_stride = 0;
+};
+void launch_dequantize_codes(const DequantizeCodesArgs& args, cudaStream_t stream);
 
 // INT8 GEMM: A = xq [M, K] row-major, B = wq [N, K] row-major (K contiguous in both), D = out [M, N].
 struct Int8GemmArgs {
@@ -73,6 +120,14 @@ struct Sm90GemmConfig {
 // The configuration table (gemm_sm90_table.cpp); the int8_linear op takes an index into it.
 int sm90_config_count();
 const Sm90GemmConfig& sm90_config(int index);
+
+// CUTLASS 2.x INT8 GEMM (mma.sync, cp.async) for sm_80 / sm_86 / sm_89, with the same fused epilogue; it also runs
+// on later GPUs. Both functions return nullptr / the size on success, or a static error message (run).
+size_t sm80_gemm_workspace_size(const Int8GemmArgs& args);
+const char* run_sm80_gemm(const Int8GemmArgs& args, void* workspace, cudaStream_t stream);
+// The tile run_sm80_gemm picks (0: 128x128, 1: 64x64), and the GEMM with a given tile (tests, sweeps).
+int sm80_gemm_tile_for(const Int8GemmArgs& args);
+const char* run_sm80_gemm_tile(const Int8GemmArgs& args, int tile, void* workspace, cudaStream_t stream);
 
 // CUTLASS_VERSION of the headers the GEMMs were built with (e.g. 420 for 4.2.0).
 int cutlass_version();

@@ -112,6 +112,92 @@ std::tuple<at::Tensor, at::Tensor> quantize_rows(const at::Tensor& x_in, const a
   return {out, residual};
 }
 
+const float* float_vector(const std::optional<at::Tensor>& t, int64_t length, const at::Tensor& like,
+                          const char* name) {
+  if (!t.has_value()) return nullptr;
+  check_cuda(*t, like, name);
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 1 && t->size(0) == length && t->is_contiguous(), name,
+              " must be a contiguous float32 vector of length ", length, ", got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
+  return t->data_ptr<float>();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
+    const at::Tensor& x_in, const at::Tensor& step, const at::Tensor& zero_point,
+    const std::optional<at::Tensor>& token_group, int64_t bits, int64_t prologue, double eps,
+    const std::optional<at::Tensor>& mod_mul, const std::optional<at::Tensor>& mod_add,
+    const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& channel_shift) {
+  const at::Tensor x = aligned(x_in);
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8], got ", bits);
+  TORCH_CHECK(prologue >= 0 && prologue <= 2, "prologue must be 0 (none), 1 (gelu_tanh) or 2 (layernorm), got ",
+              prologue);
+  TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
+  const int64_t cols = x.size(-1);
+  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
+  TORCH_CHECK(cols % 8 == 0 && cols <= kFusedQuantizeMaxCols, "the last dimension of x must be a multiple of 8 and "
+              "at most ", kFusedQuantizeMaxCols, ", got ", cols);
+  TORCH_CHECK(rows < (int64_t{1} << 31), "x has too many rows for one launch (", rows, ")");
+  check_cuda(step, x, "step");
+  check_cuda(zero_point, x, "zero_point");
+  TORCH_CHECK(step.scalar_type() == at::kFloat && step.dim() == 1 && step.is_contiguous(),
+              "step must be a contiguous float32 table [groups]");
+  TORCH_CHECK(zero_point.scalar_type() == at::kInt && zero_point.sizes() == step.sizes() && zero_point.is_contiguous(),
+              "zero_point must be a contiguous int32 table of step's shape");
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedQuantizeArgs a;
+  a.in_dtype = static_cast<int>(to_out_dtype(x.scalar_type()));
+  a.rows = rows;
+  a.cols = cols;
+  a.bits = static_cast<int>(bits);
+  a.prologue = static_cast<Prologue>(prologue);
+  a.eps = static_cast<float>(eps);
+  a.step = step.data_ptr<float>();
+  a.zero = zero_point.data_ptr<int32_t>();
+  int64_t param_rows = 1;
+  if (token_group.has_value()) {
+    check_cuda(*token_group, x, "token_group");
+    TORCH_CHECK(token_group->scalar_type() == at::kInt && token_group->dim() == 1 && token_group->is_contiguous() &&
+                token_group->numel() > 0, "token_group must be a non-empty contiguous int32 vector [tokens]");
+    a.period = token_group->numel();
+    TORCH_CHECK(rows % a.period == 0, "the rows (", rows, ") must be whole sequences of ", a.period, " tokens");
+    a.token_group = token_group->data_ptr<int32_t>();
+    param_rows = rows;
+  } else {
+    TORCH_CHECK(step.numel() == 1, "step holds ", step.numel(), " groups: pass token_group to choose among them");
+  }
+  if (a.prologue == Prologue::kLayerNormModulate) {
+    TORCH_CHECK(mod_mul.has_value() && mod_add.has_value(), "the layernorm prologue needs mod_mul and mod_add");
+    for (const auto* t : {&*mod_mul, &*mod_add}) {
+      check_cuda(*t, x, "mod_mul / mod_add");
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(1) == cols && t->stride(1) == 1 &&
+                  t->stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0,
+                  "mod_mul and mod_add must be float32 [samples, ", cols, "] with unit column stride and 16-byte "
+                  "aligned rows, got ", t->sizes(), " strides ", t->strides());
+    }
+    TORCH_CHECK(mod_mul->size(0) == mod_add->size(0) && mod_mul->stride(0) == mod_add->stride(0),
+                "mod_mul and mod_add must have the same shape and strides");
+    const int64_t samples = mod_mul->size(0);
+    TORCH_CHECK(samples > 0 && rows % samples == 0, "the rows (", rows, ") must split evenly into the ", samples,
+                " samples of mod_mul / mod_add");
+    a.mod_mul = mod_mul->data_ptr<float>();
+    a.mod_add = mod_add->data_ptr<float>();
+    a.mod_stride = mod_mul->stride(0);
+    a.rows_per_sample = rows / samples;
+  }
+  a.channel_scale = float_vector(channel_scale, cols, x, "channel_scale");
+  a.channel_shift = float_vector(channel_shift, cols, x, "channel_shift");
+  auto out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  auto row_step = at::empty({param_rows}, x.options().dtype(at::kFloat));
+  auto residual = at::empty({param_rows}, x.options().dtype(at::kInt));
+  a.x = x.data_ptr();
+  a.out = out.data_ptr<int8_t>();
+  a.row_step = row_step.data_ptr<float>();
+  a.residual = residual.data_ptr<int32_t>();
+  launch_fused_quantize(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, row_step, residual};
+}
+
 void check_gemm_operands(const at::Tensor& xq, const at::Tensor& wq) {
   TORCH_CHECK(xq.scalar_type() == at::kChar && wq.scalar_type() == at::kChar, "xq and wq must be int8");
   TORCH_CHECK(xq.dim() == 2 && wq.dim() == 2, "xq must be [M, K] and wq [N, K]");
@@ -127,48 +213,78 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
-at::Tensor int8_linear(const at::Tensor& xq_in, const at::Tensor& wq_in, const at::Tensor& act_scale,
-                       const std::optional<at::Tensor>& act_zero, const at::Tensor& w_scale, const at::Tensor& wsum,
-                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t config) {
-  const at::Tensor xq = aligned(xq_in), wq = aligned(wq_in);
-  const EpilogueTensors epi(act_scale, act_zero, w_scale, wsum, bias);
-  check_gemm_operands(xq, wq);
-  const int64_t M = xq.size(0), N = wq.size(0), K = xq.size(1);
-  const c10::cuda::CUDAGuard guard(xq.device());
-  const int device = xq.get_device();
-  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
-  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
-  TORCH_CHECK(major == 9 && minor == 0, "the CUTLASS INT8 GEMM needs an sm_90 GPU (H100/H200), this is sm_", major,
-              minor, "; use kernels.int8_linear, which falls back to torch._int_mm");
-  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
-              "the CUTLASS INT8 GEMM writes bfloat16 or float16, got ", out_dtype);
-  TORCH_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31), "GEMM too large");
-  auto out = at::empty({M, N}, xq.options().dtype(out_dtype));
-  if (M == 0 || N == 0) return out;
+// The arguments both GEMM families take; `out` is allocated here.
+struct GemmCall {
+  at::Tensor xq, wq, out;
+  Int8GemmArgs args;
+};
 
-  Int8GemmArgs a;
-  a.xq = xq.data_ptr<int8_t>();
-  a.wq = wq.data_ptr<int8_t>();
-  a.out = out.data_ptr();
+GemmCall gemm_call(const at::Tensor& xq_in, const at::Tensor& wq_in, const EpilogueTensors& epi,
+                   at::ScalarType out_dtype, const char* op) {
+  GemmCall c{aligned(xq_in), aligned(wq_in), {}, {}};
+  check_gemm_operands(c.xq, c.wq);
+  const int64_t M = c.xq.size(0), N = c.wq.size(0), K = c.xq.size(1);
+  TORCH_CHECK(out_dtype == at::kBFloat16 || out_dtype == at::kHalf, op, " writes bfloat16 or float16, got ", out_dtype);
+  TORCH_CHECK(M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31), "GEMM too large");
+  const int device = c.xq.get_device();
+  c.out = at::empty({M, N}, c.xq.options().dtype(out_dtype));
+  Int8GemmArgs& a = c.args;
+  a.xq = c.xq.data_ptr<int8_t>();
+  a.wq = c.wq.data_ptr<int8_t>();
+  a.out = c.out.data_ptr();
   a.out_dtype = to_out_dtype(out_dtype);
-  a.epi = epilogue_args(M, N, epi, xq);
+  a.epi = epilogue_args(M, N, epi, c.xq);
   a.M = static_cast<int>(M);
   a.N = static_cast<int>(N);
   a.K = static_cast<int>(K);
   a.device = device;
   a.sm_count = device_attribute(cudaDevAttrMultiProcessorCount, device);
+  return c;
+}
+
+at::Tensor int8_linear(const at::Tensor& xq_in, const at::Tensor& wq_in, const at::Tensor& act_scale,
+                       const std::optional<at::Tensor>& act_zero, const at::Tensor& w_scale, const at::Tensor& wsum,
+                       const std::optional<at::Tensor>& bias, at::ScalarType out_dtype, int64_t config) {
+  const EpilogueTensors epi(act_scale, act_zero, w_scale, wsum, bias);
+  const c10::cuda::CUDAGuard guard(xq_in.device());
+  const int device = xq_in.get_device();
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+  const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+  TORCH_CHECK(major == 9 && minor == 0, "the CUTLASS INT8 GEMM needs an sm_90 GPU (H100/H200), this is sm_", major,
+              minor, "; use kernels.int8_linear, which picks the kernel for the GPU");
+  GemmCall c = gemm_call(xq_in, wq_in, epi, out_dtype, "the sm_90a INT8 GEMM");
+  const Int8GemmArgs& a = c.args;
+  if (a.M == 0 || a.N == 0) return c.out;
   TORCH_CHECK(config >= 0 && config < sm90_config_count(), "config must index sm90_configs() (0 to ",
               sm90_config_count() - 1, "), got ", config);
   const Sm90GemmConfig& cfg = sm90_config(static_cast<int>(config));
-
   const size_t workspace_bytes = cfg.workspace_size(a);
   at::Tensor workspace;
-  if (workspace_bytes > 0) workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, xq.options().dtype(at::kByte));
+  if (workspace_bytes > 0) workspace = at::empty({static_cast<int64_t>(workspace_bytes)}, c.xq.options().dtype(at::kByte));
   const char* error = cfg.run(a, workspace_bytes > 0 ? workspace.data_ptr() : nullptr,
                               c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(error == nullptr, "int8_linear (", cfg.name, ", M=", M, " N=", N, " K=", K, "): ", error);
+  TORCH_CHECK(error == nullptr, "int8_linear (", cfg.name, ", M=", a.M, " N=", a.N, " K=", a.K, "): ", error);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return c.out;
+}
+
+at::Tensor int8_linear_sm80(const at::Tensor& xq_in, const at::Tensor& wq_in, const at::Tensor& act_scale,
+                            const std::optional<at::Tensor>& act_zero, const at::Tensor& w_scale,
+                            const at::Tensor& wsum, const std::optional<at::Tensor>& bias, at::ScalarType out_dtype,
+                            int64_t tile) {
+  const EpilogueTensors epi(act_scale, act_zero, w_scale, wsum, bias);
+  const c10::cuda::CUDAGuard guard(xq_in.device());
+  const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, xq_in.get_device());
+  TORCH_CHECK(major >= 8, "the CUTLASS 2.x INT8 GEMM needs an sm_80 or newer GPU, this is sm_", major, "x");
+  GemmCall c = gemm_call(xq_in, wq_in, epi, out_dtype, "the sm_80 INT8 GEMM");
+  const Int8GemmArgs& a = c.args;
+  if (a.M == 0 || a.N == 0) return c.out;
+  TORCH_CHECK(tile >= -1 && tile <= 1, "tile must be -1 (automatic), 0 (128x128) or 1 (64x64), got ", tile);
+  const int chosen = tile < 0 ? sm80_gemm_tile_for(a) : static_cast<int>(tile);
+  const char* error = run_sm80_gemm_tile(a, chosen, nullptr, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(error == nullptr, "int8_linear_sm80 (tile ", chosen, ", M=", a.M, " N=", a.N, " K=", a.K, "): ", error);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return c.out;
 }
 
 at::Tensor dequantize_int32(const at::Tensor& acc_in, const at::Tensor& act_scale,
@@ -194,6 +310,31 @@ at::Tensor dequantize_int32(const at::Tensor& acc_in, const at::Tensor& act_scal
   return out;
 }
 
+at::Tensor dequantize_codes(const at::Tensor& codes, const at::Tensor& params, at::ScalarType out_dtype) {
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.dim() == 2 && codes.stride(1) == 1,
+              "codes must be an int8 [rows, length] tensor with unit column stride, got ", codes.scalar_type(), " ",
+              codes.sizes(), " strides ", codes.strides());
+  TORCH_CHECK(codes.size(1) % 16 == 0 && (codes.size(0) <= 1 || codes.stride(0) % 16 == 0) &&
+              reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0,
+              "codes rows must hold a multiple of 16 values, start 16-byte aligned and lie a multiple of 16 apart");
+  check_cuda(params, codes, "params");
+  TORCH_CHECK(params.scalar_type() == at::kFloat && params.numel() == 2 && params.is_contiguous(),
+              "params must be a contiguous float32 [shift, scale]");
+  const c10::cuda::CUDAGuard guard(codes.device());
+  auto out = at::empty(codes.sizes(), codes.options().dtype(out_dtype));
+  DequantizeCodesArgs a;
+  a.codes = codes.data_ptr<int8_t>();
+  a.out = out.data_ptr();
+  a.out_dtype = to_out_dtype(out_dtype);
+  a.params = params.data_ptr<float>();
+  a.rows = codes.size(0);
+  a.row_len = codes.size(1);
+  a.row_stride = codes.size(0) <= 1 ? codes.size(1) : codes.stride(0);
+  launch_dequantize_codes(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 std::vector<int64_t> compiled_archs() {
   std::vector<int64_t> archs;
   for (int i = 0; i < compiled_arch_count(); ++i) archs.push_back(compiled_arch(i));
@@ -213,10 +354,16 @@ int64_t cutlass_version_op() { return cutlass_version(); }
 
 TORCH_LIBRARY(ptq4arvg_kernels, m) {
   m.def("quantize_rows(Tensor x, Tensor step, Tensor zero_point, int bits) -> (Tensor, Tensor)");
+  m.def("fused_quantize(Tensor x, Tensor step, Tensor zero_point, Tensor? token_group, int bits, int prologue, "
+        "float eps, Tensor? mod_mul, Tensor? mod_add, Tensor? channel_scale, Tensor? channel_shift) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("int8_linear(Tensor xq, Tensor wq, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
         "Tensor? bias, ScalarType out_dtype, int config) -> Tensor");
+  m.def("int8_linear_sm80(Tensor xq, Tensor wq, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
+        "Tensor? bias, ScalarType out_dtype, int tile) -> Tensor");
   m.def("dequantize_int32(Tensor acc, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
         "Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("dequantize_codes(Tensor codes, Tensor params, ScalarType out_dtype) -> Tensor");
   m.def("compiled_archs() -> int[]", &ptq4arvg::compiled_archs);
   m.def("sm90_configs() -> str[]", &ptq4arvg::sm90_configs);
   m.def("cutlass_version() -> int", &ptq4arvg::cutlass_version_op);
@@ -224,6 +371,9 @@ TORCH_LIBRARY(ptq4arvg_kernels, m) {
 
 TORCH_LIBRARY_IMPL(ptq4arvg_kernels, CUDA, m) {
   m.impl("quantize_rows", &ptq4arvg::quantize_rows);
+  m.impl("fused_quantize", &ptq4arvg::fused_quantize);
   m.impl("int8_linear", &ptq4arvg::int8_linear);
+  m.impl("int8_linear_sm80", &ptq4arvg::int8_linear_sm80);
   m.impl("dequantize_int32", &ptq4arvg::dequantize_int32);
+  m.impl("dequantize_codes", &ptq4arvg::dequantize_codes);
 }
