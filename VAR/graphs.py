@@ -24,6 +24,12 @@ from .model import VAR
 
 
 class ScaleGraphs:
+    """`forward_scale` for `autoregressive_infer_cfg`: graph per scale, captured on first use, replayed after.
+
+    The graphs hold the model as it was when they were captured: make a new ScaleGraphs (or a new sampler with
+    `make_sample_fn(..., cuda_graphs=True)`) after changing the model's modules or weights.
+    """
+
     def __init__(self, var: VAR) -> None:
         self.var = var
         self._reset(None)
