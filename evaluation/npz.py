@@ -189,11 +189,6 @@ def validate_images(info: ImageArrayInfo, role: str) -> None:
         raise ValueError(f"{where}: no images")
 
 
-def npz_keys(path: str) -> list[str]:
-    with np.load(path) as data:
-        return list(data.keys())
-
-
 def read_cached_statistics(path: str, role: str) -> tuple[FIDStatistics, FIDStatistics] | None:
     """(pool, spatial) statistics stored in the file (keys mu, sigma, mu_s, sigma_s), if it has `mu`.
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quant.modules import QuantLinear, QuantMatMul
 from quant.pipeline import set_module
 from quant.quantizers import Granularity
 
-from .kv_cache import Int8Codec, Int8KVCodec
 from . import _extension
+from .kv_cache import Int8Codec, Int8KVCodec
 from .ops import (ACTIVATION_DTYPES, MAX_FUSED_K, active_backend, fused_quantize, int8_linear,
                   sm90_config_index)
 from .reference import PROLOGUES
@@ -39,8 +38,8 @@ class LayerNormModulated:
 
     A block passes it to the Int8Linear it feeds, which computes it inside its quantize kernel (one read of x,
     one int8 write, instead of the normalisation, the modulation and the quantization each going through
-    memory). `mul` / `add` are [S, 1, C] or [S, C] per sample; x is [S, L, C]. Anything else that receives it
-    calls `materialize()`, which computes it as the model does.
+    memory). `mul` / `add` are [S, 1, C] or [S, C] per sample; x is [S, L, C]. Only Int8Linear accepts it: a
+    fusion pass hands it over only where every consumer is one (see VAR.deploy.fuse_int8_blocks).
     """
 
     def __init__(self, x: torch.Tensor, eps: float, mul: torch.Tensor, add: torch.Tensor) -> None:
@@ -49,9 +48,6 @@ class LayerNormModulated:
     @property
     def shape(self) -> torch.Size:
         return self.x.shape
-
-    def materialize(self) -> torch.Tensor:
-        return F.layer_norm(self.x, self.x.shape[-1:], eps=self.eps).mul(self.mul).add_(self.add)
 
     def modulation(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.x.shape[-1]

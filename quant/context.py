@@ -30,10 +30,6 @@ class TokenPositions:
             return
         self.ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(list(ids), dtype=torch.long)
 
-    def set_range(self, start: int, length: int, device: torch.device | str | None = None) -> None:
-        if not self._pinned:
-            self.ids = torch.arange(start, start + length, device=device)
-
     def group_index(self, groups: "TokenGroups", num_tokens: int, device: torch.device,
                     dtype: torch.dtype = torch.long) -> torch.Tensor:
         """The group of every current token, on `device` ([T] of `dtype`); computed once per set of positions, so

@@ -20,10 +20,6 @@ class InputTransform(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("shift", None)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.scale is None and self.shift is None
-
     def compose(self, scale: torch.Tensor | None, shift: torch.Tensor | None) -> None:
         """Apply (scale, shift) after the current transform: x/s0 − p0 → (x/s0 − p0)/s − p."""
         if scale is not None:
