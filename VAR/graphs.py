@@ -41,6 +41,7 @@ class ScaleGraphs:
         self.static_ada: Optional[List[torch.Tensor]] = None
         self.static_cond: Optional[torch.Tensor] = None
         self.logits: Optional[torch.Tensor] = None
+        self.inputs: Optional[torch.Tensor] = None
         self.kv_buffers: list = []
 
     def __call__(self, si: int, x_BlC: torch.Tensor, cond_BD: torch.Tensor,
@@ -80,7 +81,12 @@ class ScaleGraphs:
     def _capture(self, si: int, x_BlC: torch.Tensor) -> torch.Tensor:
         attns = [block.attn for block in self.var.blocks]
         before = [(a.cached_k, a.cached_v) for a in attns]
-        static_x = x_BlC.clone()
+        if self.logits is None:  # one input and one output buffer for all scales, outside the graphs' pool
+            last = self.var.patch_nums[-1] ** 2
+            self.logits = torch.empty(x_BlC.shape[0], last, self.var.V, device=x_BlC.device)
+            self.inputs = x_BlC.new_empty(x_BlC.shape[0] * last * x_BlC.shape[2])
+        static_x = self.inputs[:x_BlC.numel()].view(x_BlC.shape)  # the scales run one after another
+        static_x.copy_(x_BlC)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy initialisations must not happen during capture
@@ -91,9 +97,6 @@ class ScaleGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
             self.kv_buffers = [a._kv_buffer for a in attns]  # the graphs write into these from now on
-        if self.logits is None:  # one output buffer for all scales, outside the graphs' pool
-            last = self.var.patch_nums[-1] ** 2
-            self.logits = torch.empty(x_BlC.shape[0], last, self.var.V, device=x_BlC.device)
         graph = torch.cuda.CUDAGraph()
         out = self.logits[:, :x_BlC.shape[1]]
         with torch.cuda.graph(graph, pool=self.pool):

@@ -90,18 +90,25 @@ class SelfAttention(nn.Module):
                 k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
             self.cached_k, self.cached_v = k, v
             return k, v
-        B, H, l, c = k.shape
-        if self._kv_buffer is None:
-            self._kv_buffer = k.new_empty(2, B, H, self.kv_capacity, c)
-        start = 0 if self.cached_k is None else self.cached_k.shape[2]
-        if start + l > self.kv_capacity or self._kv_buffer.shape[1] != B:
-            raise RuntimeError(f'KV cache of block {self.block_idx} holds {self.kv_capacity} positions for batch '
-                               f'{self._kv_buffer.shape[1]}; got {l} more after {start} for batch {B}. '
-                               f'Call kv_caching(True, max_len=...) before each generation.')
-        self._kv_buffer[0, :, :, start:start + l] = k
-        self._kv_buffer[1, :, :, start:start + l] = v
-        self.cached_k, self.cached_v = self._kv_buffer[0, :, :, :start + l], self._kv_buffer[1, :, :, :start + l]
+        k_slots, v_slots = self.kv_slots(*k.shape, k.dtype, k.device)
+        k_slots.copy_(k)
+        v_slots.copy_(v)
         return self.cached_k, self.cached_v
+
+    def kv_slots(self, B: int, H: int, l: int, c: int, dtype: torch.dtype, device: torch.device):
+        """The preallocated cache's next l positions for keys and values, (B, H, l, c) views to write in place;
+        `cached_k` / `cached_v` then cover them. Needs `kv_caching(True, max_len=...)`."""
+        if self._kv_buffer is None:
+            self._kv_buffer = torch.empty(2, B, H, self.kv_capacity, c, dtype=dtype, device=device)
+        start = 0 if self.cached_k is None else self.cached_k.shape[2]
+        if start + l > self.kv_capacity or self._kv_buffer.shape[1] != B or self._kv_buffer.dtype != dtype:
+            raise RuntimeError(f'KV cache of block {self.block_idx} holds {self.kv_capacity} positions of '
+                               f'{self._kv_buffer.dtype} for batch {self._kv_buffer.shape[1]}; got {l} more of '
+                               f'{dtype} after {start} for batch {B}. Call kv_caching(True, max_len=...) before each '
+                               f'generation.')
+        buffer = self._kv_buffer
+        self.cached_k, self.cached_v = buffer[0, :, :, :start + l], buffer[1, :, :, :start + l]
+        return buffer[0, :, :, start:start + l], buffer[1, :, :, start:start + l]
 
     def forward(self, x: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         """x: (B, l, C). attn_bias: additive (1, 1, l, L) mask, or None (KV-cache inference, mask-less replay)."""

@@ -3,6 +3,8 @@
     python -m VAR.sample --depth 16 --out outputs/var_d16                  # 50 per class, 50,000 images
     torchrun --nproc_per_node 8 -m VAR.sample --depth 30 --out outputs/var_d30
     python -m VAR.sample --preset var_tiny --per-class 1 --classes 0-15 --out /tmp/tiny   # CPU smoke test
+    python -m VAR.sample --depth 30 --quant-state q.safetensors --int8 --int8-kv-cache --fused-decoder \
+        --cuda-graphs --dtype bf16 --out outputs/var_d30_w8a8                # real INT8 kernels, the fast path
 
 Writes OUT/shards/*.npz (one per batch), then OUT/samples.npz (`arr_0`: uint8 NHWC, class-interleaved order;
 `labels`; `idx_BL`: the sampled token ids) and OUT/grid.png. Rerunning the same command resumes.
@@ -72,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--top-k', type=int, default=RECIPE.top_k)
     p.add_argument('--top-p', type=float, default=RECIPE.top_p)
     p.add_argument('--dtype', choices=sorted(AUTOCAST_DTYPES), help='autocast precision (default fp16 on GPU, fp32 on CPU)')
+    p.add_argument('--int8', action='store_true',
+                   help='run the quantized model on the INT8 kernels (VAR.deploy.to_int8; needs --quant-state). '
+                        'Attention runs unquantized in F.scaled_dot_product_attention')
+    p.add_argument('--int8-kv-cache', action='store_true',
+                   help='with --int8: store the KV cache as the int8 codes of the calibrated K/V quantizers')
+    p.add_argument('--fused-decoder', action='store_true',
+                   help="the VQVAE decoder's GroupNorm + SiLU pairs as one kernel each (VAR.deploy.fuse_decoder)")
+    p.add_argument('--cuda-graphs', action='store_true', help='replay each scale as a CUDA graph (GPU only)')
     p.add_argument('--max-batches', type=int, help='stop after this many new batches (rerun to continue)')
     p.add_argument('--grid', type=int, default=64, help='images in grid.png')
     p.add_argument('--no-progress', action='store_true')
@@ -84,8 +94,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device or device_for_rank(rank))   # cuda:LOCAL_RANK under torchrun
     var, vae, preset_name, random_weights = load_models(args, device)
     dtype = args.dtype or ('fp16' if device.type == 'cuda' else 'fp32')
+    if args.int8 and args.quant_state is None:
+        raise SystemExit('--int8 runs a quantized model on the INT8 kernels: give its --quant-state')
+    if args.int8_kv_cache and not args.int8:
+        raise SystemExit('--int8-kv-cache is part of the INT8 deployment: add --int8')
+    if args.cuda_graphs and device.type != 'cuda':
+        raise SystemExit(f'--cuda-graphs needs a CUDA device, not {device}')
     if args.quant_state is not None:
         apply_quant_state(var, args.quant_state)
+    deployment = 'fake-quant' if args.quant_state is not None else 'full precision'
+    if args.int8:
+        from .deploy import to_int8
+        print(to_int8(var, attention='sdpa', kv_cache='int8' if args.int8_kv_cache else 'model'), file=sys.stderr)
+        deployment = 'int8 + int8 kv cache' if args.int8_kv_cache else 'int8'
+    if args.fused_decoder:
+        from .deploy import fuse_decoder
+        fuse_decoder(vae)
 
     labels = class_labels(args.per_class, parse_classes(args.classes, var.num_classes), args.label_order)
     if args.num_images is not None:
@@ -96,9 +120,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         reseed_each_batch=args.official_reseed, grid_images=args.grid,
         description={'family': 'VAR', 'preset': preset_name,
                      'weights': f'random (seed {args.weights_seed})' if random_weights else 'released',
-                     'quant_state': str(args.quant_state) if args.quant_state else None, 'dtype': dtype,
+                     'quant_state': str(args.quant_state) if args.quant_state else None, 'deployment': deployment,
+                     'fused_decoder': args.fused_decoder, 'dtype': dtype,
                      'cfg': recipe.cfg, 'top_k': recipe.top_k, 'top_p': recipe.top_p, 'label_order': args.label_order})
-    npz = run_sampling(make_sample_fn(var, vae, recipe, dtype), run, rank=rank, max_new_batches=args.max_batches,
+    npz = run_sampling(make_sample_fn(var, vae, recipe, dtype, cuda_graphs=args.cuda_graphs), run, rank=rank, max_new_batches=args.max_batches,
                        progress=not args.no_progress)
     if npz is not None:
         print(f'wrote {npz} ({len(labels)} images) and {npz.parent / "grid.png"}')

@@ -2,15 +2,20 @@
 
     python benchmarks/generate.py --out benchmarks/generate.md [--presets var_d16 var_d30]
     python benchmarks/generate.py --render benchmarks/generate.json     # report and chart again, no timing
+    python benchmarks/generate.py --render d16.json d30.json             # ... from runs made one preset at a time
 
 Random weights of the released sizes. The W8A8 model is quantized (ptq4arvg, symmetric 8-bit weights so the
 INT8 weights are exact) on a small calibration set (speed does not depend on calibration quality) and timed
-on the same labels and seeds as the bf16 model: batch 100 with CFG, 10 scales, bf16 autocast. Variants:
+on the same labels and seeds as the bf16 model: batch 100 with CFG, 10 scales, bf16 autocast; every variant
+decodes with the same VQVAE decoder (GroupNorm + SiLU fused, VAR.deploy.fuse_decoder). Variants:
   bf16           the model as sampled in bf16 autocast
   w8a8_unfused   kernels.convert(attention="sdpa"): INT8 linears, each quantizing its own input
-  w8a8           VAR.deploy.to_int8: the same with LayerNorm + adaLN modulation and GELU fused into the
-                 quantize kernels
+  w8a8           VAR.deploy.to_int8: the same with LayerNorm + adaLN modulation, the residual adds and GELU
+                 fused into the quantize kernels, and the attention inputs (bias, head split, q/k L2 norm, KV
+                 cache write) in one kernel
   w8a8_kv8       w8a8 with the INT8 KV cache
+  bf16 fused attention   bf16 with the same attention-input kernel (VAR.deploy.fuse_attention, graphs only):
+                 the like-for-like bf16 baseline for the fusion that does not need INT8
 Whole generation (VQVAE decode included) and token generation alone (no decode) are timed. Also the paper's
 deployment setting: one forward of the transformer on 100 x 2 sequences of 64 / 128 / 256 tokens. Needs the
 built extension (kernels/README.md); without it the INT8 path falls back to torch._int_mm and the report says so.
@@ -31,7 +36,7 @@ import kernels
 from quant import quantize, recipe
 from VAR.adapter import var_adapter
 from VAR.calibrate import draw_labels, generate_raw_set
-from VAR.deploy import to_int8
+from VAR.deploy import fuse_attention, fuse_decoder, to_int8
 from VAR.presets import create
 from VAR.sampling import autoregressive_infer_cfg, make_rng, make_sample_fn
 
@@ -65,7 +70,9 @@ def generation(var, vae, batch: int, cuda_graphs: bool = False) -> dict:
             autoregressive_infer_cfg(var, vae, label_B, rng=make_rng("cuda", 1), decode=False,
                                      forward_scale=sample.forward_scale)
 
+    torch.cuda.reset_peak_memory_stats()
     result["tokens_seconds"] = timed_median(tokens)
+    result["tokens_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return result
 
 
@@ -99,11 +106,14 @@ VARIANTS = {"w8a8_unfused": {"fuse": False, "kv_cache": "model"}, "w8a8": {"fuse
 
 def run_preset(preset: str, batch: int, lengths: list[int]) -> dict:
     var, vae = create(preset, device="cuda", seed=0)
+    fuse_decoder(vae)  # every arm decodes with the fused GroupNorm + SiLU kernel
     result = {"model": preset, "bf16": generation(var, vae, batch)}
     result["bf16_forward"] = {n: single_forward(var, n, batch) for n in lengths}
     fake_quant = quantized(var, vae).cpu()  # kept off the GPU so each run's peak holds one model only
     transformer_to_bf16(var)
     result["bf16_graphs"] = generation(var, vae, batch, cuda_graphs=True)
+    fuse_attention(var)
+    result["bf16_fused_attention_graphs"] = generation(var, vae, batch, cuda_graphs=True)
     del var
     torch.cuda.empty_cache()
     for name, options in VARIANTS.items():
@@ -125,7 +135,8 @@ def run_preset(preset: str, batch: int, lengths: list[int]) -> dict:
 # ../shared/reference/kernels.md, section 3b (another run on the same GPU model).
 OFFICIAL_IMAGES_PER_S = {"var_d16": 143.8, "var_d30": 59.1}
 NAMES = {"bf16": "bf16", "w8a8_unfused": "W8A8 unfused", "w8a8": "W8A8 fused", "w8a8_kv8": "W8A8 fused + INT8 KV"}
-GRAPHED = {"bf16_graphs": "bf16", "w8a8_graphs": "W8A8 fused", "w8a8_kv8_graphs": "W8A8 fused + INT8 KV"}
+GRAPHED = {"bf16_graphs": "bf16", "bf16_fused_attention_graphs": "bf16 + fused attention inputs",
+           "w8a8_graphs": "W8A8 fused", "w8a8_kv8_graphs": "W8A8 fused + INT8 KV"}
 
 
 def environment() -> dict:
@@ -136,28 +147,37 @@ def environment() -> dict:
 
 
 def variant_tables(results: list[dict], names: dict[str, str], baseline: str) -> list[str]:
-    """Images/s, token-generation seconds and peak memory of `names`, with ratios to `baseline`."""
+    """Images/s, token-generation seconds and peak memory of `names`, with ratios to `baseline` (and to the bf16
+    arm with the same attention fusion, where measured)."""
     keys, base = list(names), baseline
-    lines = ["Whole generation (VQVAE decode included), images/s:", "",
-             "| model | " + " | ".join(names.values()) + " | W8A8 fused / bf16 | W8A8 fused / official code |",
-             "|---" * (len(names) + 3) + "|"]
     fused = next(k for k in keys if k.startswith("w8a8") and "kv8" not in k and "unfused" not in k)
     kv8 = next(k for k in keys if "kv8" in k)
+    like = next((k for k in keys if k.startswith("bf16_fused")), None)
+    like_header = " | W8A8 fused / bf16 + fused attention" if like else ""
+    lines = ["Whole generation (VQVAE decode included), images/s:", "",
+             "| model | " + " | ".join(names.values()) + " | W8A8 fused / bf16" + like_header
+             + " | W8A8 fused / official code |", "|---" * (len(names) + 3 + bool(like)) + "|"]
     for r in results:
         official = OFFICIAL_IMAGES_PER_S.get(r["model"])
         vs_official = f"{r[fused]['images_per_s'] / official:.2f}x ({official})" if official else "-"
+        like_ratio = f" | {r[fused]['images_per_s'] / r[like]['images_per_s']:.2f}x" if like else ""
         lines.append(f"| {r['model']} | " + " | ".join(f"{r[k]['images_per_s']:.1f}" for k in keys)
-                     + f" | **{r[fused]['images_per_s'] / r[base]['images_per_s']:.2f}x** | {vs_official} |")
+                     + f" | **{r[fused]['images_per_s'] / r[base]['images_per_s']:.2f}x**{like_ratio} | {vs_official} |")
     lines += ["", "Token generation alone (10 scales, no VQVAE decode), seconds per batch:", "",
-              "| model | " + " | ".join(names.values()) + " | W8A8 fused / bf16 |", "|---" * (len(names) + 2) + "|"]
+              "| model | " + " | ".join(names.values()) + " | W8A8 fused / bf16" + like_header + " |",
+              "|---" * (len(names) + 2 + bool(like)) + "|"]
     for r in results:
+        like_ratio = f" | {r[like]['tokens_seconds'] / r[fused]['tokens_seconds']:.2f}x" if like else ""
         lines.append(f"| {r['model']} | " + " | ".join(f"{r[k]['tokens_seconds']:.3f}" for k in keys)
-                     + f" | **{r[base]['tokens_seconds'] / r[fused]['tokens_seconds']:.2f}x** |")
-    lines += ["", "Peak GPU memory during generation, GB:", "",
-              "| model | " + " | ".join(names.values()) + " | INT8 KV / bf16 |", "|---" * (len(names) + 2) + "|"]
-    for r in results:
-        lines.append(f"| {r['model']} | " + " | ".join(f"{r[k]['peak_gb']:.1f}" for k in keys)
-                     + f" | **{r[kv8]['peak_gb'] / r[base]['peak_gb']:.2f}** |")
+                     + f" | **{r[base]['tokens_seconds'] / r[fused]['tokens_seconds']:.2f}x**{like_ratio} |")
+    for measure, title in (("peak_gb", "whole generation"), ("tokens_peak_gb", "token generation alone")):
+        if not all(measure in r[k] for r in results for k in keys):
+            continue  # runs made before this measure was recorded
+        lines += ["", f"Peak GPU memory during {title}, GB:", "",
+                  "| model | " + " | ".join(names.values()) + " | INT8 KV / bf16 |", "|---" * (len(names) + 2) + "|"]
+        for r in results:
+            lines.append(f"| {r['model']} | " + " | ".join(f"{r[k][measure]:.2f}" for k in keys)
+                         + f" | **{r[kv8][measure] / r[base][measure]:.3f}** |")
     return lines
 
 
@@ -171,6 +191,8 @@ def targets(results: list[dict]) -> list[str]:
     whole = {arm: r[f"w8a8{arm}"]["images_per_s"] / r[f"bf16{arm}"]["images_per_s"] for arm in ("", "_graphs")}
     tokens = {arm: r[f"bf16{arm}"]["tokens_seconds"] / r[f"w8a8{arm}"]["tokens_seconds"] for arm in ("", "_graphs")}
     memory = {arm: r[f"w8a8_kv8{arm}"]["peak_gb"] / r[f"bf16{arm}"]["peak_gb"] for arm in ("", "_graphs")}
+    tokens_memory = {arm: r[f"w8a8_kv8{arm}"].get("tokens_peak_gb", float("nan"))
+                     / r[f"bf16{arm}"].get("tokens_peak_gb", float("nan")) for arm in ("", "_graphs")}
     official = OFFICIAL_IMAGES_PER_S.get(r["model"])
     best = max(r[k]["images_per_s"] for k in ("w8a8", "w8a8_graphs"))
     decode = 1 - r["bf16_graphs"]["tokens_seconds"] / r["bf16_graphs"]["seconds"]
@@ -180,8 +202,14 @@ def targets(results: list[dict]) -> list[str]:
              f"**{tokens['_graphs']:.2f}x** with graphs, {tokens['']:.2f}x eager. The VQVAE decode, unquantized and "
              f"the same in both arms, is {decode:.0%} of the graphed bf16 generation and caps the whole-generation "
              f"ratio.",
-             f"- Peak memory <= 0.6x with the INT8 KV cache: **{memory['_graphs']:.2f}x** with graphs (bf16 weights), "
-             f"{memory['']:.2f}x eager (float32 masters) ({verdict(max(memory.values()) <= 0.6)})."]
+             f"- Against bf16 with the same attention-input kernel (the fusion that needs no INT8), graphed: whole "
+             f"generation {r['bf16_fused_attention_graphs']['seconds'] / r['w8a8_graphs']['seconds']:.2f}x, tokens "
+             f"{r['bf16_fused_attention_graphs']['tokens_seconds'] / r['w8a8_graphs']['tokens_seconds']:.2f}x.",
+             f"- Peak memory <= 0.6x with the INT8 KV cache, whole generation: **{memory['_graphs']:.3f}x** with "
+             f"graphs (bf16 weights), {memory['']:.3f}x eager (float32 masters) "
+             f"({verdict(max(memory.values()) <= 0.6)}); token generation alone: {tokens_memory['_graphs']:.3f}x with "
+             f"graphs, {tokens_memory['']:.3f}x eager. With graphs the KV buffers stay allocated for the next batch "
+             f"while the images are decoded, so the decoder's working memory adds to both arms."]
     if official:
         lines.append(f"- >= 2x the official code's throughput: **{best / official:.2f}x** ({best:.1f} vs {official} "
                      f"images/s; {verdict(best / official >= 2)}).")
@@ -199,8 +227,11 @@ def report(run: dict) -> str:
         f"Python {env['python']}, {env['date']}; INT8 backend `{env['backend']}` ({env['extension']}). Random "
         f"weights of the released sizes; median of {REPEATS} runs after a warm-up; batch {batch} with CFG "
         f"({2 * batch} sequences), bf16 autocast. W8A8 unfused: `kernels.convert` (each INT8 linear quantizes its "
-        f"own input); W8A8 fused: `VAR.deploy.to_int8` (LayerNorm + adaLN modulation and GELU inside the quantize "
-        f"kernels). The official code's throughput is from ../shared/reference/kernels.md (same GPU model, fp16 "
+        f"own input); W8A8 fused: `VAR.deploy.to_int8` (LayerNorm + adaLN modulation, the residual adds and GELU "
+        f"inside the quantize kernels, the attention inputs in one kernel); bf16 + fused attention inputs: bf16 "
+        f"with that attention-input kernel (`VAR.deploy.fuse_attention`), the like-for-like baseline. Every arm decodes "
+        f"images with the same VQVAE decoder, its GroupNorm + SiLU pairs fused (`VAR.deploy.fuse_decoder`, "
+        f"benchmarks/decode.md). The official code's throughput is from ../shared/reference/kernels.md (same GPU model, fp16 "
         f"autocast, another run).", "",
         "## With CUDA graphs (one graph per scale, `make_sample_fn(..., cuda_graphs=True)`)", "",
         "Both arms graphed; the bf16 arm holds its transformer weights in bf16 (under graphs autocast's weight cache "
@@ -234,18 +265,25 @@ def plot(run: dict, path: Path) -> None:
     shown = {"w8a8": "W8A8 fused, eager (vs bf16 eager)", "w8a8_kv8": "+ INT8 KV, eager (vs bf16 eager)",
              "w8a8_graphs": "W8A8 fused, graphs (vs bf16 graphs)",
              "w8a8_kv8_graphs": "+ INT8 KV, graphs (vs bf16 graphs)"}
+    like_for_like = ("w8a8_graphs", "bf16_fused_attention_graphs")
     width = 0.8 / len(shown)
     for j, (v, label) in enumerate(shown.items()):
         base = "bf16_graphs" if v.endswith("graphs") else "bf16"
         values = [r[base]["seconds"] / r[v]["seconds"] if m == "generation" else
                   r[base]["tokens_seconds"] / r[v]["tokens_seconds"] for r in results for m, _ in measures]
         speed.bar([i + (j - (len(shown) - 1) / 2) * width for i in range(len(values))], values, width, label=label)
+    values = [r[like_for_like[1]]["seconds"] / r[like_for_like[0]]["seconds"] if m == "generation" else
+              r[like_for_like[1]]["tokens_seconds"] / r[like_for_like[0]]["tokens_seconds"]
+              for r in results for m, _ in measures]
+    speed.scatter(range(len(values)), values, marker="_", s=400, color="black", zorder=3,
+                  label="W8A8 fused, graphs (vs bf16 + fused attention inputs, graphs)")
+    top = max(max(bar.get_height() for bar in speed.patches), max(values))
     speed.axhline(1.0, color="black", linewidth=0.8)
     speed.set_xticks(range(len(labels)), labels, fontsize=8)
     speed.set_ylabel("speedup over bf16")
     speed.set_title("VAR generation speed, batch 100 with CFG")
-    speed.set_ylim(0, 1.6)
-    speed.legend(fontsize=7, ncol=2, loc="upper left")
+    speed.set_ylim(0, 1.7 * top)
+    speed.legend(fontsize=7, ncol=1, loc="upper left")
     speed.grid(axis="y", alpha=0.3)
     peaks = {"bf16": "bf16 (float32 masters)", "bf16_graphs": "bf16 weights, graphs", "w8a8_graphs": "W8A8, graphs",
              "w8a8_kv8_graphs": "W8A8 + INT8 KV, graphs"}
@@ -269,10 +307,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("generate.md"))
-    parser.add_argument("--render", type=Path, help="write the report and chart again from this JSON, no timing")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="write the report and chart again from these JSON files (their results in order), no "
+                             "timing")
     args = parser.parse_args()
     if args.render:
-        run = json.loads(args.render.read_text())
+        runs = [json.loads(path.read_text()) for path in args.render]
+        run = dict(runs[0], results=[r for one in runs for r in one["results"]])
+        args.out.with_suffix(".json").write_text(json.dumps(run, indent=1))
     else:
         run = {"environment": environment(), "batch": args.batch, "results": []}
         for preset in args.presets:

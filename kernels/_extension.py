@@ -53,6 +53,21 @@ def _register_fakes() -> None:
         return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
                 x.new_empty((rows,), dtype=torch.int32))
 
+    @torch.library.register_fake(f"{NAMESPACE}::fused_residual_quantize")
+    def _(x, branch, gamma, step, zero_point, token_group, bits, eps, mod_mul, mod_add, channel_scale, channel_shift):
+        rows = x.numel() // x.shape[-1] if token_group is not None else 1
+        return (torch.empty_like(x), x.new_empty(x.shape, dtype=torch.int8), x.new_empty((rows,), dtype=torch.float32),
+                x.new_empty((rows,), dtype=torch.int32))
+
+    @torch.library.register_fake(f"{NAMESPACE}::split_qkv")
+    def _(qkv, heads, bias, q_mul, l2_norm, eps, k_out, v_out, kv_grid, kv_bits):
+        samples, tokens, width3 = qkv.shape
+        return qkv.new_empty((samples, tokens, heads, width3 // 3 // heads))
+
+    @torch.library.register_fake(f"{NAMESPACE}::group_norm_silu")
+    def _(x, weight, bias, groups, eps, silu, out_dtype):
+        return x.new_empty(x.shape, dtype=out_dtype)
+
     @torch.library.register_fake(f"{NAMESPACE}::int8_linear")
     def _(xq, wq, act_scale, act_zero, w_scale, wsum, bias, out_dtype, config):
         return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)

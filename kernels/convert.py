@@ -25,8 +25,8 @@ from quant.quantizers import Granularity
 
 from . import _extension
 from .kv_cache import Int8Codec, Int8KVCodec
-from .ops import (ACTIVATION_DTYPES, MAX_FUSED_K, active_backend, fused_quantize, int8_linear,
-                  sm90_config_index)
+from .ops import (ACTIVATION_DTYPES, MAX_FUSED_K, active_backend, aligned_rows, fused_quantize,
+                  fused_residual_quantize, int8_linear, sm90_config_index)
 from .reference import PROLOGUES
 from .weights import pack_weight
 
@@ -40,10 +40,15 @@ class LayerNormModulated:
     one int8 write, instead of the normalisation, the modulation and the quantization each going through
     memory). `mul` / `add` are [S, 1, C] or [S, C] per sample; x is [S, L, C]. Only Int8Linear accepts it: a
     fusion pass hands it over only where every consumer is one (see VAR.deploy.fuse_int8_blocks).
+
+    With `residual=(branch, gamma)` the block's residual add comes first, x + branch * gamma (gamma per sample,
+    like mul): the consuming kernel writes that sum too, and `summed()` returns it once the layer has run.
     """
 
-    def __init__(self, x: torch.Tensor, eps: float, mul: torch.Tensor, add: torch.Tensor) -> None:
-        self.x, self.eps, self.mul, self.add = x, eps, mul, add
+    def __init__(self, x: torch.Tensor, eps: float, mul: torch.Tensor, add: torch.Tensor,
+                 residual: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        self.x, self.eps, self.mul, self.add, self.residual = x, eps, mul, add, residual
+        self._sum = x if residual is None else None
 
     @property
     def shape(self) -> torch.Size:
@@ -52,6 +57,12 @@ class LayerNormModulated:
     def modulation(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.x.shape[-1]
         return self.mul.reshape(-1, c), self.add.reshape(-1, c)
+
+    def summed(self) -> torch.Tensor:
+        """x after the residual add (x itself without one)."""
+        if self._sum is None:
+            raise RuntimeError("the residual sum is written by the layer that consumes this input: run it first")
+        return self._sum
 
 
 class Int8Linear(nn.Module):
@@ -99,13 +110,13 @@ class Int8Linear(nn.Module):
                 f"W{self.weight_bits}A{self.bits}{groups}{prologue}")
 
     def forward(self, x) -> torch.Tensor:
-        prologue, modulation, eps = self.prologue, None, 0.0
+        prologue, modulation, eps, pending = self.prologue, None, 0.0, None
         autocast = torch.is_autocast_enabled(x.x.device.type if isinstance(x, LayerNormModulated) else x.device.type)
         if isinstance(x, LayerNormModulated):
             if prologue != "none":
                 raise RuntimeError(f"this layer already applies {prologue!r} to its input; it cannot also take a "
                                    f"LayerNorm-modulated one")
-            prologue, modulation, eps = "layernorm", x.modulation(), x.eps
+            prologue, modulation, eps, pending = "layernorm", x.modulation(), x.eps, x
             x = x.x  # the normalisation reads x in its own precision (float32 under autocast, as the model's)
             out_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
         else:
@@ -115,11 +126,21 @@ class Int8Linear(nn.Module):
         token_group = None
         if self.token_groups is not None:
             token_group = self.positions.group_index(self.token_groups, x.shape[-2], x.device, torch.int32)
+        residual = None if pending is None else pending.residual
         if self._runs_sm90(x, out_dtype):
-            return self._forward_sm90(x, prologue, eps, modulation, token_group, out_dtype)
-        xq, act_scale, act_zero = fused_quantize(
-            x, self.act_step, self.act_zero, self.bits, token_group=token_group, prologue=prologue, eps=eps,
-            modulation=modulation, channel_scale=self.channel_scale, channel_shift=self.channel_shift)
+            xq, act_scale, act_zero = self._quantize_sm90(x, prologue, eps, modulation, token_group, pending)
+            rows = xq.numel() // self.in_features
+            out = _extension.ops().int8_linear(xq.view(rows, self.in_features), self.wq, act_scale, act_zero,
+                                               self.w_scale, self.wsum, self.bias, out_dtype, sm90_config_index(rows))
+            return out.view(*x.shape[:-1], self.out_features)
+        options = dict(token_group=token_group, modulation=modulation, eps=eps, channel_scale=self.channel_scale,
+                       channel_shift=self.channel_shift)
+        if residual is not None:
+            pending._sum, xq, act_scale, act_zero = fused_residual_quantize(
+                x, *residual, self.act_step, self.act_zero, self.bits, **options)
+        else:
+            xq, act_scale, act_zero = fused_quantize(x, self.act_step, self.act_zero, self.bits, prologue=prologue,
+                                                     **options)
         # float64 (exactness tests on the CPU) keeps a float64 output
         return int8_linear(xq, self.wq, act_scale, act_zero, self.w_scale, self.wsum, self.bias, out_dtype=out_dtype)
 
@@ -127,20 +148,21 @@ class Int8Linear(nn.Module):
         return (x.is_cuda and x.dtype in ACTIVATION_DTYPES and out_dtype in (torch.bfloat16, torch.float16)
                 and self.in_features <= MAX_FUSED_K and active_backend(x.device) == "cutlass_sm90")
 
-    def _forward_sm90(self, x, prologue, eps, modulation, token_group, out_dtype) -> torch.Tensor:
-        """The two extension ops called directly: this layer's tensors were validated when it was built, and the
-        per-call checks of the public functions cost more host time than the kernels take at small M."""
+    def _quantize_sm90(self, x, prologue, eps, modulation, token_group, pending):
+        """The extension's quantize op called directly: this layer's tensors were validated when it was built, and
+        the per-call checks of the public functions cost more host time than the kernels take at small M."""
         ops = _extension.ops()
         mul = add = None
         if modulation is not None:
             mul, add = (m.float().contiguous() for m in modulation)
-        xq, act_scale, act_zero = ops.fused_quantize(
-            x.contiguous(), self.act_step, self.act_zero, token_group, self.bits, PROLOGUES.index(prologue), eps,
-            mul, add, self.channel_scale, self.channel_shift)
-        rows = xq.numel() // self.in_features
-        out = ops.int8_linear(xq.view(rows, self.in_features), self.wq, act_scale, act_zero, self.w_scale, self.wsum,
-                              self.bias, out_dtype, sm90_config_index(rows))
-        return out.view(*x.shape[:-1], self.out_features)
+        if pending is not None and pending.residual is not None:
+            branch, gamma = pending.residual
+            pending._sum, xq, act_scale, act_zero = ops.fused_residual_quantize(
+                x.contiguous(), branch.contiguous(), aligned_rows(gamma.reshape(-1, self.in_features)), self.act_step,
+                self.act_zero, token_group, self.bits, eps, mul, add, self.channel_scale, self.channel_shift)
+            return xq, act_scale, act_zero
+        return ops.fused_quantize(x.contiguous(), self.act_step, self.act_zero, token_group, self.bits,
+                                  PROLOGUES.index(prologue), eps, mul, add, self.channel_scale, self.channel_shift)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import torch
 from quant.quantizers import UniformQuantizer
 
 from . import _extension
-from .reference import activation_offset
+from .reference import activation_offset, encode_codes
 
 
 class Int8Codec:
@@ -31,8 +31,7 @@ class Int8Codec:
         return cls(quantizer.step, quantizer.zero_point, quantizer.bits)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(x.float() / self.step) + self.zero, 0, 2 ** self.bits - 1)
-        return (q - self.offset).to(torch.int8)
+        return encode_codes(x, self.step, self.zero, self.bits)
 
     def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # In the compute dtype, as the fake-quant K/V quantizers run under autocast: (q - z) * step with step
@@ -60,9 +59,22 @@ class Int8KVCodec:
 
     def __init__(self, key: Int8Codec, value: Int8Codec) -> None:
         self.key, self.value = key, value
+        self._grids: dict = {}
 
     def encode(self, k: torch.Tensor, v: torch.Tensor):
         return self.key.encode(k), self.value.encode(v)
+
+    def grid(self, device: torch.device) -> tuple[torch.Tensor, int]:
+        """([k_step, k_zero, v_step, v_zero] as float32 on `device`, bits): what kernels.split_qkv takes to write
+        the codes itself. Both grids must have the same width."""
+        if self.key.bits != self.value.bits:
+            raise ValueError(f"keys and values are quantized to {self.key.bits} and {self.value.bits} bits; the "
+                             f"fused cache write needs one width")
+        key = str(device)
+        if key not in self._grids:
+            values = [self.key.step, self.key.zero, self.value.step, self.value.zero]
+            self._grids[key] = torch.stack([v.float().reshape(()) for v in values]).to(device)
+        return self._grids[key], self.key.bits
 
     def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype):
         return self.key.decode(k, dtype), self.value.decode(v, dtype)

@@ -148,6 +148,14 @@ def quantize_rows(x: torch.Tensor, step, zero_point, bits: int = 8, *, backend: 
     return xq.reshape(x.shape), act_zero
 
 
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """t [rows, K] as the vectorised kernels read per-sample tables: unit column stride, 16-byte aligned rows
+    (a view such as one of the adaLN vectors passes unchanged, anything else is copied)."""
+    if t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0:
+        return t
+    return t.contiguous()
+
+
 def _float_vector(value, k: int, name: str, device: torch.device):
     if value is None:
         return None
@@ -159,24 +167,9 @@ def _float_vector(value, k: int, name: str, device: torch.device):
     return value.float().contiguous()
 
 
-def fused_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, *,
-                   token_group: torch.Tensor | None = None, prologue: str = "none", eps: float = 1e-6,
-                   modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   channel_scale: torch.Tensor | None = None, channel_shift: torch.Tensor | None = None,
-                   backend: str | None = None):
-    """Quantize x [..., K] together with the operation that produces it, in one pass over x.
-
-        y = prologue(x);  y = y / channel_scale - channel_shift;  xq = quantize_rows(y, step[g], zero_point[g])
-
-    prologue: "none"; "gelu_tanh" (the activation between two linear layers); "layernorm" (LayerNorm without
-    affine over K, eps, then the per-sample adaLN modulation y * mul[s] + add[s] with modulation = (mul, add),
-    float [S, K]; x holds S samples of M / S consecutive rows). channel_scale / channel_shift: an online
-    per-channel transform [K] (GPS or SmoothQuant factors not folded elsewhere).
-    step (float) / zero_point (integer): grid tables [G]. token_group: int [T], the group of each token of a
-    sequence (rows cycle through the T tokens); without it G must be 1.
-    Returns (xq int8 [..., K], act_scale float32, act_zero int32) ready for int8_linear: per row [M] with token
-    groups, else [1].
-    """
+def _fused_quantize_inputs(x, step, zero_point, bits, token_group, prologue, modulation, channel_scale,
+                           channel_shift, backend):
+    """Validated, normalised arguments of the fused quantize kernels, and whether the extension runs them."""
     _check_bits(bits)
     exact_cpu = x.dtype == torch.float64 and (backend == "reference" or not x.is_cuda)  # the exactness tests
     if x.dtype not in ACTIVATION_DTYPES and not exact_cpu:
@@ -217,18 +210,151 @@ def fused_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor
     channel_scale = _float_vector(channel_scale, k, "channel_scale", device)
     channel_shift = _float_vector(channel_shift, k, "channel_shift", device)
     backend = _resolve_backend(backend, device)
-    if backend != "reference" and _extension.runs_elementwise(device) and k <= MAX_FUSED_K:
-        if mod_mul is not None and (mod_mul.stride(0) % 4 or mod_mul.data_ptr() % 16 or mod_add.data_ptr() % 16
-                                    or mod_mul.stride() != mod_add.stride()):
-            mod_mul, mod_add = mod_mul.contiguous(), mod_add.contiguous()
-        xq, act_scale, act_zero = _extension.ops().fused_quantize(
+    on_extension = backend != "reference" and _extension.runs_elementwise(device) and k <= MAX_FUSED_K
+    if on_extension and mod_mul is not None and (mod_mul.stride(0) % 4 or mod_mul.data_ptr() % 16
+                                                 or mod_add.data_ptr() % 16 or mod_mul.stride() != mod_add.stride()):
+        mod_mul, mod_add = mod_mul.contiguous(), mod_add.contiguous()
+    return on_extension, (step, zero_point, token_group, bits, prologue, mod_mul, mod_add, channel_scale, channel_shift)
+
+
+def fused_quantize(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, bits: int = 8, *,
+                   token_group: torch.Tensor | None = None, prologue: str = "none", eps: float = 1e-6,
+                   modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   channel_scale: torch.Tensor | None = None, channel_shift: torch.Tensor | None = None,
+                   backend: str | None = None):
+    """Quantize x [..., K] together with the operation that produces it, in one pass over x.
+
+        y = prologue(x);  y = y / channel_scale - channel_shift;  xq = quantize_rows(y, step[g], zero_point[g])
+
+    prologue: "none"; "gelu_tanh" (the activation between two linear layers); "layernorm" (LayerNorm without
+    affine over K, eps, then the per-sample adaLN modulation y * mul[s] + add[s] with modulation = (mul, add),
+    float [S, K]; x holds S samples of M / S consecutive rows). channel_scale / channel_shift: an online
+    per-channel transform [K] (GPS or SmoothQuant factors not folded elsewhere).
+    step (float) / zero_point (integer): grid tables [G]. token_group: int [T], the group of each token of a
+    sequence (rows cycle through the T tokens); without it G must be 1.
+    Returns (xq int8 [..., K], act_scale float32, act_zero int32) ready for int8_linear: per row [M] with token
+    groups, else [1].
+    """
+    on_extension, args = _fused_quantize_inputs(x, step, zero_point, bits, token_group, prologue, modulation,
+                                                channel_scale, channel_shift, backend)
+    step, zero_point, token_group, bits, prologue, mod_mul, mod_add, channel_scale, channel_shift = args
+    if on_extension:
+        return _extension.ops().fused_quantize(
             x.contiguous(), step, zero_point, token_group, bits, reference.PROLOGUES.index(prologue), eps, mod_mul,
             mod_add, channel_scale, channel_shift)
-        return xq, act_scale, act_zero
+    k = x.shape[-1]
     xq, act_scale, act_zero = reference.fused_quantize(
         x.reshape(-1, k), step, zero_point, token_group, bits, prologue, eps, mod_mul, mod_add, channel_scale,
         channel_shift)
     return xq.reshape(x.shape), act_scale, act_zero
+
+
+def fused_residual_quantize(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, step: torch.Tensor,
+                            zero_point: torch.Tensor, bits: int = 8, *, modulation: tuple[torch.Tensor, torch.Tensor],
+                            eps: float = 1e-6, token_group: torch.Tensor | None = None,
+                            channel_scale: torch.Tensor | None = None, channel_shift: torch.Tensor | None = None,
+                            backend: str | None = None):
+    """A residual update followed by fused_quantize's layernorm prologue, in one pass:
+
+        x_sum = x + branch * gamma[s]      (the product rounded to branch's dtype, the sum to x's: `x + b.mul(g)`)
+        xq, act_scale, act_zero = fused_quantize(x_sum, ..., prologue="layernorm", modulation=modulation)
+
+    x [S, L, K] or [M, K] (rows in samples as for the modulation); branch: x's shape, in x's dtype (or any 16-bit
+    dtype when x is float32); gamma [S, K] (or [S, 1, K]) in branch's dtype. Returns (x_sum, xq, act_scale,
+    act_zero): x_sum is the residual stream after the update, which a transformer block carries on with.
+    """
+    if branch.shape != x.shape:
+        raise ValueError(f"branch must have x's shape {tuple(x.shape)}, got {tuple(branch.shape)}")
+    if branch.dtype != x.dtype and x.dtype != torch.float32:
+        raise TypeError(f"branch must have x's dtype {x.dtype}, or x must be float32; got {branch.dtype}")
+    k = x.shape[-1]
+    gamma = gamma.reshape(-1, k)
+    if gamma.dtype != branch.dtype or gamma.device != x.device or branch.device != x.device:
+        raise ValueError(f"gamma must be of branch's dtype {branch.dtype} and on {x.device}, got {gamma.dtype} on "
+                         f"{gamma.device} (branch on {branch.device})")
+    on_extension, args = _fused_quantize_inputs(x, step, zero_point, bits, token_group, "layernorm", modulation,
+                                                channel_scale, channel_shift, backend)
+    step, zero_point, token_group, bits, _, mod_mul, mod_add, channel_scale, channel_shift = args
+    if gamma.shape[0] != mod_mul.shape[0]:
+        raise ValueError(f"gamma holds {gamma.shape[0]} samples, the modulation {mod_mul.shape[0]}")
+    if on_extension:
+        return _extension.ops().fused_residual_quantize(
+            x.contiguous(), branch.contiguous(), aligned_rows(gamma), step, zero_point, token_group, bits, eps,
+            mod_mul, mod_add, channel_scale, channel_shift)
+    x_sum = reference.residual_sum(x.reshape(-1, k), branch.reshape(-1, k), gamma)
+    xq, act_scale, act_zero = reference.fused_quantize(
+        x_sum, step, zero_point, token_group, bits, "layernorm", eps, mod_mul, mod_add, channel_scale, channel_shift)
+    return x_sum.reshape(x.shape), xq.reshape(x.shape), act_scale, act_zero
+
+
+def split_qkv(qkv: torch.Tensor, heads: int, k_out: torch.Tensor, v_out: torch.Tensor, *,
+              bias: torch.Tensor | None = None, l2_norm: bool = False, q_scale: torch.Tensor | None = None,
+              eps: float = 1e-12, kv_grid: torch.Tensor | None = None, kv_bits: int = 8,
+              backend: str | None = None) -> torch.Tensor:
+    """The attention inputs of a fused qkv projection, in one pass over qkv [S, L, 3 C] (C = heads * c):
+
+        q, k, v = (qkv + bias).view(S, L, 3, heads, c) split into heads
+        with l2_norm: q = F.normalize(q, dim=-1) * q_scale[h];  k = F.normalize(k, dim=-1)   (float32, eps)
+
+    each value rounded once to qkv's dtype, as PyTorch computes them under autocast. k and v are written into
+    k_out / v_out [S, heads, L, c] (views with unit stride over c, e.g. the next slots of a KV cache): in qkv's
+    dtype, or, when they are int8, as the codes of the per-tensor grids kv_grid = [k_step, k_zero, v_step,
+    v_zero] (float32, integer zero points) of kv_bits bits stored as q - c (kernels.kv_cache.Int8Codec).
+    Returns q as an [S, heads, L, c] view of a dense [S, L, heads, c] tensor: the layout in which
+    F.scaled_dot_product_attention's output needs no copy to become [S, L, C] again.
+    """
+    if qkv.dim() != 3 or heads <= 0 or qkv.shape[-1] % (3 * heads):
+        raise ValueError(f"qkv must be [samples, tokens, 3 * heads * head_dim], got {tuple(qkv.shape)} for {heads} "
+                         f"heads")
+    if qkv.dtype not in ACTIVATION_DTYPES and not (qkv.dtype == torch.float64 and not qkv.is_cuda):
+        raise TypeError(f"qkv must be bfloat16, float16 or float32, got {qkv.dtype}")
+    S, L, width = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+    c = width // heads
+    expected = (S, heads, L, c)
+    codes = k_out.dtype == torch.int8
+    for name, out in (("k_out", k_out), ("v_out", v_out)):
+        if tuple(out.shape) != expected or out.device != qkv.device:
+            raise ValueError(f"{name} must be {expected} on {qkv.device}, got {tuple(out.shape)} on {out.device}")
+        if out.dtype != (torch.int8 if codes else qkv.dtype):
+            raise TypeError(f"k_out and v_out must both be int8 (codes) or {qkv.dtype}, got {k_out.dtype} and "
+                            f"{v_out.dtype}")
+    if codes:
+        _check_bits(kv_bits)
+        if kv_grid is None or kv_grid.numel() != 4:
+            raise ValueError("int8 k_out / v_out need kv_grid = [k_step, k_zero, v_step, v_zero]")
+    bias = None if bias is None else _float_vector(bias, 3 * width, "bias", qkv.device)
+    q_scale = None if q_scale is None or not l2_norm else _float_vector(q_scale.reshape(-1), heads, "q_scale",
+                                                                        qkv.device)
+    backend = _resolve_backend(backend, qkv.device)
+    if (backend != "reference" and _extension.runs_elementwise(qkv.device) and c in (8, 16, 32, 64, 128, 256)
+            and k_out.stride() == v_out.stride() and k_out.stride(-1) == 1
+            and all(s % 8 == 0 for s in k_out.stride()[:3])
+            and k_out.data_ptr() % 16 == 0 and v_out.data_ptr() % 16 == 0):
+        grid = None if kv_grid is None else kv_grid.reshape(-1).float().contiguous()
+        q = _extension.ops().split_qkv(qkv, heads, bias, q_scale, l2_norm, eps, k_out, v_out, grid, kv_bits)
+    else:
+        q = reference.split_qkv(qkv, heads, bias, q_scale, l2_norm, eps, k_out, v_out, kv_grid, kv_bits)
+    return q.transpose(1, 2)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float = 1e-6, *,
+                    silu: bool = True, out_dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
+    """F.silu(F.group_norm(x, groups, weight, bias, eps)) of x [N, C, ...] computed in float32 and rounded once to
+    out_dtype (default x.dtype): one kernel reading x twice instead of PyTorch's float32 passes under autocast.
+    silu=False leaves the GroupNorm alone. On the GPU the statistics are summed in another order than PyTorch's:
+    results agree to float32 rounding before the final cast."""
+    out_dtype = out_dtype or x.dtype
+    if x.dim() < 2 or groups <= 0 or x.shape[1] % groups:
+        raise ValueError(f"x must be [N, C, ...] with C divisible by groups={groups}, got {tuple(x.shape)}")
+    channels = x.shape[1]
+    weight = _float_vector(weight, channels, "weight", x.device)
+    bias = _float_vector(bias, channels, "bias", x.device)
+    pixels = x[0, 0].numel() if x.numel() else 0
+    backend = _resolve_backend(backend, x.device)
+    if (backend != "reference" and _extension.runs_elementwise(x.device) and x.dtype in ACTIVATION_DTYPES
+            and out_dtype in OUTPUT_DTYPES and pixels % 8 == 0):
+        return _extension.ops().group_norm_silu(x.contiguous(), weight, bias, groups, eps, silu, out_dtype)
+    return reference.group_norm_silu(x, weight, bias, groups, eps, silu, out_dtype)
 
 
 def int8_linear(xq: torch.Tensor, wq: torch.Tensor, act_scale, act_zero, w_scale: torch.Tensor,

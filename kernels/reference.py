@@ -34,6 +34,13 @@ def quantize_rows(x: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor,
     return q.to(torch.int8), zero_point - offset
 
 
+def encode_codes(x: torch.Tensor, step, zero_point, bits: int) -> torch.Tensor:
+    """x on one per-tensor b-bit grid (float step, integer-valued zero point), stored as int8 q - c."""
+    zero = zero_point if isinstance(zero_point, torch.Tensor) else torch.tensor(float(zero_point))
+    q = torch.clamp(torch.round(x.float() / step) + zero, 0, 2**bits - 1)
+    return (q - activation_offset(zero, bits)).to(torch.int8)
+
+
 def int_matmul(xq: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
     """Exact xq [M, K] @ wq[N, K].T of int8 matrices, as int64 (CPU) or int32 (CUDA)."""
     if xq.is_cuda:
@@ -81,6 +88,35 @@ def fused_prologue(x: torch.Tensor, prologue: str, eps: float, mod_mul, mod_add,
     return y
 
 
+def residual_sum(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """x + branch * gamma[s] on [M, K] rows grouped into the S samples of gamma [S, K], in the model's dtypes."""
+    samples, k = gamma.shape
+    return (x.reshape(samples, -1, k) + branch.reshape(samples, -1, k) * gamma[:, None, :]).reshape(-1, k)
+
+
+def split_qkv(qkv, heads: int, bias, q_scale, l2_norm: bool, eps: float, k_out, v_out, kv_grid, kv_bits: int):
+    """kernels.ops.split_qkv in PyTorch ops: writes k_out / v_out, returns q as a dense [S, L, heads, c]."""
+    samples, tokens, width3 = qkv.shape
+    dtype = qkv.dtype
+    if bias is not None:
+        qkv = qkv + bias.to(dtype)
+    q, k, v = qkv.view(samples, tokens, 3, heads, width3 // 3 // heads).unbind(2)
+    if l2_norm:
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        q = torch.nn.functional.normalize(q.to(compute), dim=-1, eps=eps)
+        if q_scale is not None:
+            q = q * q_scale.to(compute).reshape(heads, 1)
+        k = torch.nn.functional.normalize(k.to(compute), dim=-1, eps=eps)
+        q, k = q.to(dtype), k.to(dtype)
+    k, v = k.transpose(1, 2), v.transpose(1, 2)
+    if k_out.dtype == torch.int8:
+        grid = kv_grid.reshape(-1).float().to(qkv.device)
+        k, v = encode_codes(k, grid[0], grid[1], kv_bits), encode_codes(v, grid[2], grid[3], kv_bits)
+    k_out.copy_(k)
+    v_out.copy_(v)
+    return q.contiguous()
+
+
 def fused_quantize(x, step, zero_point, token_group, bits: int, prologue: str, eps: float, mod_mul, mod_add,
                    channel_scale, channel_shift):
     """x [M, K] -> (int8 q - c [M, K], row step, row residual): the prologue, then quantize_rows with the grid
@@ -94,3 +130,10 @@ def fused_quantize(x, step, zero_point, token_group, bits: int, prologue: str, e
         row_step, row_zero = step[group], zero_point[group]
     xq, residual = quantize_rows(y, row_step, row_zero, bits)
     return xq, row_step.float(), residual
+
+
+def group_norm_silu(x: torch.Tensor, weight, bias, groups: int, eps: float, silu: bool, out_dtype: torch.dtype):
+    """GroupNorm (affine) then SiLU in float32 (float64 stays float64), rounded once to out_dtype."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = torch.nn.functional.group_norm(x.to(compute), groups, weight.to(compute), bias.to(compute), eps)
+    return (torch.nn.functional.silu(y) if silu else y).to(out_dtype)

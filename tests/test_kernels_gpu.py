@@ -454,3 +454,123 @@ def test_cutlass_sm80_gemm_matches_reference(extension, M, K, N, tile, out_dtype
     auto = kernels.int8_linear(xq, weight.wq, act_scale, act_zero, weight.w_scale, weight.wsum, bias, out_dtype,
                                backend="cutlass_sm80")
     assert_within_rounding(auto, exact, BF16_HALF_ULP if out_dtype == torch.bfloat16 else FP16_HALF_ULP)
+
+
+def split_qkv_inputs(dtype, heads=6, c=64, samples=4, tokens=13, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = (torch.randn(samples, tokens, 3 * heads * c, device="cuda", generator=g) * 3).to(dtype)
+    bias = torch.randn(3 * heads * c, device="cuda", generator=g)
+    q_scale = torch.rand(heads, device="cuda", generator=g) * 20 + 1
+    return qkv, bias, q_scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("l2_norm", [True, False])
+@pytest.mark.parametrize("codes", [False, True])
+def test_split_qkv_kernel_matches_reference(extension, dtype, l2_norm, codes):
+    """Written into slots 7..19 of a preallocated cache: the rest of the cache is untouched; v is exact, q and k
+    at most one rounding apart (the norm's reduction order), int8 codes at most one step apart, rarely."""
+    heads, c, start, tokens = 6, 64, 7, 13
+    qkv, bias, q_scale = split_qkv_inputs(dtype, heads, c, tokens=tokens)
+    grid = torch.tensor([0.02, 131.0, 0.05, 120.0], device="cuda")
+    outputs = []
+    for backend in (None, "reference"):
+        cache = torch.full((2, 4, heads, 40, c), 7, device="cuda", dtype=torch.int8 if codes else dtype)
+        k_slot, v_slot = cache[0, :, :, start:start + tokens], cache[1, :, :, start:start + tokens]
+        q = kernels.split_qkv(qkv, heads, k_slot, v_slot, bias=bias, l2_norm=l2_norm, q_scale=q_scale,
+                              kv_grid=grid if codes else None, backend=backend)
+        outputs.append((q, cache))
+    (q, cache), (q_ref, cache_ref) = outputs
+    assert q.shape == (4, heads, tokens, c) and q.transpose(1, 2).is_contiguous()
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[start:start + tokens] = False
+    assert (cache[:, :, :, untouched] == 7).all()
+    if codes:
+        assert torch.equal(cache[1], cache_ref[1])
+        diff = (cache[0].int() - cache_ref[0].int()).abs()
+        assert diff.max().item() <= (1 if l2_norm else 0) and diff.float().mean().item() <= 1e-3
+    else:
+        assert torch.equal(cache[1], cache_ref[1])
+    half_ulp = {torch.bfloat16: BF16_HALF_ULP, torch.float16: FP16_HALF_ULP, torch.float32: 2.0**-23}[dtype]
+    pairs = [(q, q_ref)] + ([] if codes else [(cache[0], cache_ref[0])])
+    for got, expected in pairs:
+        if not l2_norm:
+            assert torch.equal(got, expected)
+            continue
+        err = (got.float() - expected.float()).abs()
+        assert (err <= 4 * half_ulp * expected.float().abs() + 1e-30).all()
+        if dtype != torch.float32:  # a 16-bit rounding mostly absorbs the last bit of the norm
+            assert (err > 0).float().mean().item() <= 0.02
+
+
+@pytest.mark.parametrize("x_dtype,branch_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                  (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("k", [64, 1920])
+def test_fused_residual_quantize_kernel_matches_reference(extension, x_dtype, branch_dtype, k):
+    x, step, zero, options = fused_inputs("layernorm", x_dtype, k)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    branch = torch.randn(x.shape, device="cuda", generator=g).to(branch_dtype)
+    ada = torch.randn(x.shape[0], 1, 6 * k, device="cuda", generator=g).to(branch_dtype)
+    gamma = ada[..., k:2 * k]  # a strided view, as VAR passes it
+    options.pop("prologue")
+    got = kernels.fused_residual_quantize(x, branch, gamma, step, zero, 8, **options)
+    ref = kernels.fused_residual_quantize(x, branch, gamma, step, zero, 8, backend="reference", **options)
+    assert got[0].dtype == x_dtype and torch.equal(got[0], ref[0])  # the residual add rounds as the model's
+    assert torch.equal(got[2], ref[2]) and torch.equal(got[3], ref[3])
+    diff = (got[1].int() - ref[1].int()).abs()
+    assert diff.max().item() <= 1 and diff.float().mean().item() <= 1e-3
+
+
+def test_fusion_ops_pass_opcheck(extension):
+    qkv, bias, q_scale = split_qkv_inputs(torch.bfloat16)
+    cache = torch.zeros(2, 4, 6, 20, 64, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(extension.split_qkv, (qkv, 6, bias, q_scale, True, 1e-12, cache[0, :, :, 3:16],
+                                                cache[1, :, :, 3:16], None, 8))
+    x, step, zero, options = fused_inputs("layernorm", torch.float32, 256)
+    branch = torch.randn(x.shape, device="cuda").to(torch.bfloat16)
+    gamma = torch.randn(x.shape[0], 256, device="cuda").to(torch.bfloat16)
+    mul, add = (m.contiguous() for m in options["modulation"])
+    torch.library.opcheck(extension.fused_residual_quantize, (x, branch, gamma, step, zero, options["token_group"], 8,
+                                                              1e-6, mul, add, None, None))
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                             (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("shape", [(3, 64, 16, 16), (2, 160, 64, 64), (2, 640, 4, 2)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_silu_kernel_matches_reference(extension, dtype, out_dtype, shape, silu):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    # a large common offset: the statistics must not cancel
+    x = (torch.randn(shape, device="cuda", generator=g) * 2 + 40).to(dtype)
+    weight = torch.randn(shape[1], device="cuda", generator=g) + 1
+    bias = torch.randn(shape[1], device="cuda", generator=g)
+    got = kernels.group_norm_silu(x, weight, bias, 32, 1e-6, silu=silu, out_dtype=out_dtype)
+    exact = reference.group_norm_silu(x.double(), weight, bias, 32, 1e-6, silu, torch.float64)
+    assert got.dtype == out_dtype
+    half_ulp = {torch.bfloat16: BF16_HALF_ULP, torch.float16: FP16_HALF_ULP, torch.float32: 2.0**-24}[out_dtype]
+    # one rounding to out_dtype, plus float32 statistics over up to 82k values (input quantised to dtype: exact)
+    bound = half_ulp * exact.abs() + 2e-5 * (weight.abs().max().item() + 1)
+    assert ((got.double() - exact).abs() <= bound).all()
+
+
+def test_fused_decoder_images_on_gpu(extension):
+    import copy
+
+    from VAR.deploy import fuse_decoder
+    from VAR.presets import create
+    from VAR.sampling import decode_f_hat
+
+    _, vae = create("var_tiny", device="cuda", seed=0)
+    fused = copy.deepcopy(vae)
+    fuse_decoder(fused)
+    f_hat = torch.randn(4, vae.Cvae, 4, 4, device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, got = decode_f_hat(vae, f_hat), decode_f_hat(fused, f_hat)
+    # both in bf16 autocast: the fused path skips float32 round trips, differences stay at bf16 noise
+    assert (got.float() - expected.float()).abs().max().item() <= 2e-2
+
+
+def test_group_norm_silu_passes_opcheck(extension):
+    x = torch.randn(2, 64, 8, 8, device="cuda").to(torch.bfloat16)
+    weight, bias = torch.ones(64, device="cuda"), torch.zeros(64, device="cuda")
+    torch.library.opcheck(extension.group_norm_silu, (x, weight, bias, 32, 1e-6, True, torch.bfloat16))

@@ -91,8 +91,13 @@ def test_tiny_pipeline_end_to_end_with_scripts(tmp_path):
     assert out["images"].shape == (3, 32, 32, 3) and out["images"].dtype == np.uint8
     fp_var, _ = create("var_tiny", seed=0)
     fp = make_sample_fn(fp_var, vae, dtype="fp32")(np.array([1, 2, 3]), seed=5)
-    # W8A8 keeps most tokens of the FP sample with the same seed
-    assert (out["idx_BL"] == fp["idx_BL"]).mean() > 0.5
+    # W8A8 stays close to FP on the FP sample's tokens, teacher-forced (sampled tokens are no measure: one early
+    # change of the nearly flat random-weight distribution reshuffles everything after it)
+    x_BLCv = vae.quantize.idxBl_to_var_input(torch.as_tensor(fp["idx_BL"]).long())
+    with torch.no_grad():
+        quantized, full = var(torch.tensor([1, 2, 3]), x_BLCv), fp_var(torch.tensor([1, 2, 3]), x_BLCv)
+    error = ((quantized - full).norm() / full.norm()).item()
+    assert 0 < error < 0.1, error
 
 
 def test_state_for_another_depth_is_refused(tmp_path, tiny_calibration):

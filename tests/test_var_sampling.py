@@ -146,3 +146,36 @@ def test_sample_cli_applies_a_quant_state(tmp_path):
         assert not np.array_equal(q['idx_BL'], fp['idx_BL'])     # the quantized model samples other tokens
     with pytest.raises(SystemExit, match='not found'):
         sample_main(common + ['--out', str(tmp_path / 'q2'), '--quant-state', str(tmp_path / 'missing.safetensors')])
+
+
+def test_sample_cli_runs_the_int8_deployment(tmp_path):
+    """--int8 / --int8-kv-cache / --fused-decoder on the CPU reference kernels: a complete run, recorded in the
+    run's description; the options refuse to run without what they need."""
+    import json
+
+    from quant import quantize, recipe, save_quantized
+    from VAR.adapter import var_adapter
+    from VAR.calibrate import generate_raw_set
+
+    var, vae = presets.create('var_tiny', seed=0)
+    raw = generate_raw_set(var, vae, torch.arange(4), batch_size=4, seed=0, top_p=0.96, official_reseed=False,
+                           progress=False)
+    state = save_quantized(quantize(var, var_adapter(var), recipe('ptq4arvg', w_bits=8, a_bits=8, w_symmetric=True),
+                                    raw, progress=False), tmp_path / 'w8a8.safetensors')
+    common = ['--preset', 'var_tiny', '--per-class', '1', '--classes', '0-3', '--batch-size', '4', '--no-progress',
+              '--quant-state', str(state)]
+    assert sample_main(common + ['--out', str(tmp_path / 'fake')]) == 0
+    assert sample_main(common + ['--out', str(tmp_path / 'int8'), '--int8', '--int8-kv-cache', '--fused-decoder']) == 0
+    with np.load(tmp_path / 'fake' / 'samples.npz') as fake, np.load(tmp_path / 'int8' / 'samples.npz') as int8:
+        assert int8['arr_0'].shape == fake['arr_0'].shape and int8['arr_0'].dtype == np.uint8
+        # the INT8 model differs from fake quant by rounding only: most tokens agree
+        assert (int8['idx_BL'] == fake['idx_BL']).mean() > 0.5
+    manifest = next((tmp_path / 'int8').glob('*.json'))
+    description = json.loads(manifest.read_text())['description']
+    assert description['deployment'] == 'int8 + int8 kv cache' and description['fused_decoder'] is True
+    with pytest.raises(SystemExit, match='give its --quant-state'):
+        sample_main(common[:-2] + ['--out', str(tmp_path / 'x'), '--int8'])
+    with pytest.raises(SystemExit, match='add --int8'):
+        sample_main(common + ['--out', str(tmp_path / 'y'), '--int8-kv-cache'])
+    with pytest.raises(SystemExit, match='--cuda-graphs needs a CUDA device'):
+        sample_main(common + ['--out', str(tmp_path / 'z'), '--cuda-graphs', '--device', 'cpu'])

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 
 namespace ptq4arvg {
 
@@ -227,34 +228,32 @@ __device__ __forceinline__ float gelu_tanh(float x) {
   return 0.5f * x * (1.f + tanhf(inner));
 }
 
-__device__ __forceinline__ void load_floats8(const float* p, float (&v)[8]) {
-  const float4 lo = reinterpret_cast<const float4*>(p)[0], hi = reinterpret_cast<const float4*>(p)[1];
-  v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
-  v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
-}
-
-template <class T, Prologue kPrologue>
+// TB: the dtype of the residual branch and its gamma (kResidualLayerNormModulate only).
+template <class T, Prologue kPrologue, class TB = T>
 __global__ void __launch_bounds__(1024) fused_quantize_kernel(const FusedQuantizeArgs a) {
   __shared__ float partial[32];
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  constexpr int kInVectors = 8 * static_cast<int>(sizeof(T)) / 16;
   const int64_t row = blockIdx.x;
   const int64_t col = 8 * static_cast<int64_t>(threadIdx.x);
   const bool active = col < a.cols;
   float v[8] = {};
-  if (active) {
-    uint4 in[kInVectors];
-    const uint4* src = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) + row * a.cols + col);
+  if (active) load8(static_cast<const T*>(a.x) + row * a.cols + col, v);
+  constexpr bool kResidual = kPrologue == Prologue::kResidualLayerNormModulate;
+  if constexpr (kResidual) {
+    if (active) {  // x + T_branch(branch * gamma), rounded to T: the model's `x + branch.mul(gamma)`
+      float branch[8], gamma[8];
+      load8(static_cast<const TB*>(a.branch) + row * a.cols + col, branch);
+      load8(static_cast<const TB*>(a.gamma) + (row / a.rows_per_sample) * a.gamma_stride + col, gamma);
 #pragma unroll
-    for (int i = 0; i < kInVectors; ++i) in[i] = src[i];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) v[i] = ChunkElement<T>::get(in, i);
+      for (int i = 0; i < 8; ++i) v[i] = round_to<T>(add_rn(v[i], round_to<TB>(mul_rn(branch[i], gamma[i]))));
+      store8(static_cast<T*>(a.x_sum) + row * a.cols + col, v);
+    }
   }
 
-  if constexpr (kPrologue == Prologue::kLayerNormModulate) {
+  if constexpr (kPrologue == Prologue::kLayerNormModulate || kResidual) {
     const float cols = static_cast<float>(a.cols);
     float sum = 0.f;
 #pragma unroll
@@ -269,8 +268,8 @@ __global__ void __launch_bounds__(1024) fused_quantize_kernel(const FusedQuantiz
     if (active) {
       const int64_t sample = row / a.rows_per_sample;
       float mul[8], add[8];
-      load_floats8(a.mod_mul + sample * a.mod_stride + col, mul);
-      load_floats8(a.mod_add + sample * a.mod_stride + col, add);
+      load8(a.mod_mul + sample * a.mod_stride + col, mul);
+      load8(a.mod_add + sample * a.mod_stride + col, add);
 #pragma unroll
       for (int i = 0; i < 8; ++i) v[i] = add_rn(mul_rn(mul_rn(add_rn(v[i], -mean), rstd), mul[i]), add[i]);
     }
@@ -282,13 +281,13 @@ __global__ void __launch_bounds__(1024) fused_quantize_kernel(const FusedQuantiz
 
   if (a.channel_scale != nullptr) {
     float scale[8];
-    load_floats8(a.channel_scale + col, scale);
+    load8(a.channel_scale + col, scale);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = div_rn(v[i], scale[i]);
   }
   if (a.channel_shift != nullptr) {
     float shift[8];
-    load_floats8(a.channel_shift + col, shift);
+    load8(a.channel_shift + col, shift);
 #pragma unroll
     for (int i = 0; i < 8; ++i) v[i] = add_rn(v[i], -shift[i]);
   }
@@ -318,7 +317,7 @@ __global__ void __launch_bounds__(1024) fused_quantize_kernel(const FusedQuantiz
 // this reuses (its occupancy figure is not needed here).
 bool programmatic_launch_allowed() { return quantize_launch_plan<float, 16>().programmatic; }
 
-template <class T, Prologue kPrologue>
+template <class T, Prologue kPrologue, class TB = T>
 void launch_fused_quantize_of(const FusedQuantizeArgs& a, cudaStream_t stream) {
   const int chunks = static_cast<int>(a.cols / 8);
   cudaLaunchAttribute programmatic{};
@@ -330,7 +329,7 @@ void launch_fused_quantize_of(const FusedQuantizeArgs& a, cudaStream_t stream) {
   config.stream = stream;
   config.attrs = &programmatic;
   config.numAttrs = programmatic_launch_allowed() ? 1 : 0;
-  cudaLaunchKernelEx(&config, fused_quantize_kernel<T, kPrologue>, a);
+  cudaLaunchKernelEx(&config, fused_quantize_kernel<T, kPrologue, TB>, a);
 }
 
 template <class T>
@@ -339,6 +338,16 @@ void launch_fused_quantize_with(const FusedQuantizeArgs& a, cudaStream_t stream)
     case Prologue::kNone: launch_fused_quantize_of<T, Prologue::kNone>(a, stream); break;
     case Prologue::kGeluTanh: launch_fused_quantize_of<T, Prologue::kGeluTanh>(a, stream); break;
     case Prologue::kLayerNormModulate: launch_fused_quantize_of<T, Prologue::kLayerNormModulate>(a, stream); break;
+    case Prologue::kResidualLayerNormModulate:
+      // the branch has x's dtype, or x is float32 (a float32 residual stream fed by 16-bit branches)
+      if (std::is_same_v<T, float> && a.branch_dtype == static_cast<int>(OutDtype::kBFloat16)) {
+        launch_fused_quantize_of<T, Prologue::kResidualLayerNormModulate, __nv_bfloat16>(a, stream);
+      } else if (std::is_same_v<T, float> && a.branch_dtype == static_cast<int>(OutDtype::kFloat16)) {
+        launch_fused_quantize_of<T, Prologue::kResidualLayerNormModulate, __half>(a, stream);
+      } else {
+        launch_fused_quantize_of<T, Prologue::kResidualLayerNormModulate, T>(a, stream);
+      }
+      break;
   }
 }
 

@@ -36,10 +36,12 @@ void launch_quantize_rows(const QuantizeArgs& args, cudaStream_t stream);
 //   y = prologue(x[m, :]);  y = y / channel_scale - channel_shift (optional);  then y is quantized as above with
 //   the grid of the row's token group: (step, zero)[token_group[m % period]] (one grid when token_group is null).
 // Prologues: none; GELU (tanh approximation); LayerNorm without affine followed by the per-sample modulation
-//   y * mod_mul[s, :] + mod_add[s, :], s = m / rows_per_sample (adaLN).
+//   y * mod_mul[s, :] + mod_add[s, :], s = m / rows_per_sample (adaLN); the same LayerNorm after a residual
+//   update x <- x + T(branch[m, :] * gamma[s, :]) (the product rounded to the branch's dtype T, the sum to x's),
+//   whose result is also written to x_sum.
 // Also writes the row parameters the GEMM epilogue takes: row_step[m] and residual[m] (both [1] without token
 // groups), residual = zero - offset as in QuantizeArgs.
-enum class Prologue : int { kNone = 0, kGeluTanh = 1, kLayerNormModulate = 2 };
+enum class Prologue : int { kNone = 0, kGeluTanh = 1, kLayerNormModulate = 2, kResidualLayerNormModulate = 3 };
 
 struct FusedQuantizeArgs {
   const void* x = nullptr;  // [rows, cols], bf16 / fp16 / fp32, contiguous, 16-byte aligned
@@ -62,6 +64,13 @@ struct FusedQuantizeArgs {
   int64_t rows_per_sample = 1;
   const float* channel_scale = nullptr;  // [cols] or null
   const float* channel_shift = nullptr;  // [cols] or null
+  // kResidualLayerNormModulate only: branch [rows, cols] dense and gamma [samples, cols] rows gamma_stride apart,
+  // both of branch_dtype; x_sum [rows, cols] dense, of x's dtype.
+  const void* branch = nullptr;
+  const void* gamma = nullptr;
+  int branch_dtype = 0;
+  int64_t gamma_stride = 0;
+  void* x_sum = nullptr;
 };
 constexpr int kFusedQuantizeMaxCols = 8 * 1024;
 void launch_fused_quantize(const FusedQuantizeArgs& args, cudaStream_t stream);
@@ -97,6 +106,50 @@ struct DequantizeCodesArgs {
   int64_t rows = 0, row_len = 0, row_stride = 0;
 };
 void launch_dequantize_codes(const DequantizeCodesArgs& args, cudaStream_t stream);
+
+// The attention inputs from a fused qkv projection, in one pass: qkv [S, l, 3, H, c] (dense, dtype T) is split
+// into heads, bias [3 H c] (rounded to T) added, and with l2_norm q and k divided by their L2 norm over c (in
+// float32, clamped below by eps) and q multiplied by q_mul[h], each rounded once to T, as PyTorch computes
+// F.normalize(q).mul(scale) under autocast. q goes to q_out [S, l, H, c] (dense, T); k and v to k_out / v_out at
+// element strides (kv_stride_s, kv_stride_h, kv_stride_t) over (sample, head, token) with unit stride over c: a
+// KV cache's slots, in T, or with kv_int8 as the codes of the per-tensor grids kv_grid = [k_step, k_zero,
+// v_step, v_zero] (device floats, integer zero points) of kv_bits bits, stored as q - c like the activations.
+// c is a power of two in [8, 256].
+struct SplitQkvArgs {
+  const void* qkv = nullptr;
+  int dtype = 0;  // OutDtype numbering
+  const float* bias = nullptr;
+  const float* q_mul = nullptr;
+  bool l2_norm = false;
+  float eps = 1e-12f;
+  void* q_out = nullptr;
+  void* k_out = nullptr;
+  void* v_out = nullptr;
+  int64_t kv_stride_s = 0, kv_stride_h = 0, kv_stride_t = 0;
+  bool kv_int8 = false;
+  const float* kv_grid = nullptr;
+  int kv_bits = 8;
+  int64_t samples = 0, tokens = 0, heads = 0, head_dim = 0;
+};
+void launch_split_qkv(const SplitQkvArgs& args, cudaStream_t stream);
+
+// GroupNorm (affine) of an NCHW tensor followed by SiLU when silu is set, in two passes over x: per (sample,
+// group) the float32 mean and biased variance (sums shifted by the group's first value), then
+// y = x * (rstd * weight[c]) + (bias[c] - mean * rstd * weight[c]), y = y / (1 + exp(-y)), rounded once to out's
+// dtype. x and out dense [N, C, H, W]; C % groups == 0, H * W % 8 == 0.
+struct GroupNormArgs {
+  const void* x = nullptr;
+  int in_dtype = 0;  // OutDtype numbering
+  void* out = nullptr;
+  OutDtype out_dtype = OutDtype::kBFloat16;
+  const float* weight = nullptr;  // [C]
+  const float* bias = nullptr;    // [C]
+  int64_t samples = 0, channels = 0, pixels = 0;
+  int groups = 32;
+  float eps = 1e-6f;
+  bool silu = true;
+};
+void launch_group_norm(const GroupNormArgs& args, cudaStream_t stream);
 
 // INT8 GEMM: A = xq [M, K] row-major, B = wq [N, K] row-major (K contiguous in both), D = out [M, N].
 struct Int8GemmArgs {

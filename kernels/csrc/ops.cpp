@@ -122,15 +122,21 @@ const float* float_vector(const std::optional<at::Tensor>& t, int64_t length, co
   return t->data_ptr<float>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
+// The fused quantize kernel's arguments shared by fused_quantize and fused_residual_quantize; the caller sets x,
+// the outputs and, for the residual prologue, the branch.
+struct FusedQuantizeCall {
+  at::Tensor x, out, row_step, residual;
+  FusedQuantizeArgs args;
+};
+
+FusedQuantizeCall fused_quantize_call(
     const at::Tensor& x_in, const at::Tensor& step, const at::Tensor& zero_point,
-    const std::optional<at::Tensor>& token_group, int64_t bits, int64_t prologue, double eps,
+    const std::optional<at::Tensor>& token_group, int64_t bits, Prologue prologue, double eps,
     const std::optional<at::Tensor>& mod_mul, const std::optional<at::Tensor>& mod_add,
     const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& channel_shift) {
-  const at::Tensor x = aligned(x_in);
+  FusedQuantizeCall c{aligned(x_in), {}, {}, {}, {}};
+  const at::Tensor& x = c.x;
   TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in [2, 8], got ", bits);
-  TORCH_CHECK(prologue >= 0 && prologue <= 2, "prologue must be 0 (none), 1 (gelu_tanh) or 2 (layernorm), got ",
-              prologue);
   TORCH_CHECK(x.dim() >= 1, "x must have at least one dimension");
   const int64_t cols = x.size(-1);
   const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
@@ -143,13 +149,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
               "step must be a contiguous float32 table [groups]");
   TORCH_CHECK(zero_point.scalar_type() == at::kInt && zero_point.sizes() == step.sizes() && zero_point.is_contiguous(),
               "zero_point must be a contiguous int32 table of step's shape");
-  const c10::cuda::CUDAGuard guard(x.device());
-  FusedQuantizeArgs a;
+  FusedQuantizeArgs& a = c.args;
   a.in_dtype = static_cast<int>(to_out_dtype(x.scalar_type()));
   a.rows = rows;
   a.cols = cols;
   a.bits = static_cast<int>(bits);
-  a.prologue = static_cast<Prologue>(prologue);
+  a.prologue = prologue;
   a.eps = static_cast<float>(eps);
   a.step = step.data_ptr<float>();
   a.zero = zero_point.data_ptr<int32_t>();
@@ -165,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
   } else {
     TORCH_CHECK(step.numel() == 1, "step holds ", step.numel(), " groups: pass token_group to choose among them");
   }
-  if (a.prologue == Prologue::kLayerNormModulate) {
+  if (prologue == Prologue::kLayerNormModulate || prologue == Prologue::kResidualLayerNormModulate) {
     TORCH_CHECK(mod_mul.has_value() && mod_add.has_value(), "the layernorm prologue needs mod_mul and mod_add");
     for (const auto* t : {&*mod_mul, &*mod_add}) {
       check_cuda(*t, x, "mod_mul / mod_add");
@@ -186,16 +191,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
   }
   a.channel_scale = float_vector(channel_scale, cols, x, "channel_scale");
   a.channel_shift = float_vector(channel_shift, cols, x, "channel_shift");
-  auto out = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  auto row_step = at::empty({param_rows}, x.options().dtype(at::kFloat));
-  auto residual = at::empty({param_rows}, x.options().dtype(at::kInt));
+  c.out = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  c.row_step = at::empty({param_rows}, x.options().dtype(at::kFloat));
+  c.residual = at::empty({param_rows}, x.options().dtype(at::kInt));
   a.x = x.data_ptr();
-  a.out = out.data_ptr<int8_t>();
-  a.row_step = row_step.data_ptr<float>();
-  a.residual = residual.data_ptr<int32_t>();
+  a.out = c.out.data_ptr<int8_t>();
+  a.row_step = c.row_step.data_ptr<float>();
+  a.residual = c.residual.data_ptr<int32_t>();
+  return c;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_quantize(
+    const at::Tensor& x, const at::Tensor& step, const at::Tensor& zero_point,
+    const std::optional<at::Tensor>& token_group, int64_t bits, int64_t prologue, double eps,
+    const std::optional<at::Tensor>& mod_mul, const std::optional<at::Tensor>& mod_add,
+    const std::optional<at::Tensor>& channel_scale, const std::optional<at::Tensor>& channel_shift) {
+  TORCH_CHECK(prologue >= 0 && prologue <= 2, "prologue must be 0 (none), 1 (gelu_tanh) or 2 (layernorm), got ",
+              prologue);
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedQuantizeCall c = fused_quantize_call(x, step, zero_point, token_group, bits, static_cast<Prologue>(prologue),
+                                            eps, mod_mul, mod_add, channel_scale, channel_shift);
+  launch_fused_quantize(c.args, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {c.out, c.row_step, c.residual};
+}
+
+// x_sum = x + branch * gamma (per sample), then the layernorm prologue on x_sum and the quantization.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_residual_quantize(
+    const at::Tensor& x, const at::Tensor& branch_in, const at::Tensor& gamma, const at::Tensor& step,
+    const at::Tensor& zero_point, const std::optional<at::Tensor>& token_group, int64_t bits, double eps,
+    const at::Tensor& mod_mul, const at::Tensor& mod_add, const std::optional<at::Tensor>& channel_scale,
+    const std::optional<at::Tensor>& channel_shift) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  FusedQuantizeCall c = fused_quantize_call(x, step, zero_point, token_group, bits,
+                                            Prologue::kResidualLayerNormModulate, eps, mod_mul, mod_add,
+                                            channel_scale, channel_shift);
+  const at::Tensor branch = aligned(branch_in);
+  FusedQuantizeArgs& a = c.args;
+  TORCH_CHECK(branch.sizes() == c.x.sizes(), "branch must have x's shape ", c.x.sizes(), ", got ", branch.sizes());
+  TORCH_CHECK(branch.scalar_type() == c.x.scalar_type() || c.x.scalar_type() == at::kFloat,
+              "branch must have x's dtype, or x must be float32; got x ", c.x.scalar_type(), " and branch ",
+              branch.scalar_type());
+  check_cuda(branch, c.x, "branch");
+  check_cuda(gamma, c.x, "gamma");
+  const int64_t samples = mod_mul.size(0);
+  TORCH_CHECK(gamma.scalar_type() == branch.scalar_type() && gamma.dim() == 2 && gamma.size(0) == samples &&
+              gamma.size(1) == a.cols && gamma.stride(1) == 1 && gamma.stride(0) % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(gamma.data_ptr()) % 16 == 0,
+              "gamma must be [", samples, ", ", a.cols, "] of the branch's dtype with unit column stride and 16-byte "
+              "aligned rows, got ", gamma.scalar_type(), " ", gamma.sizes(), " strides ", gamma.strides());
+  at::Tensor x_sum = at::empty_like(c.x);
+  a.branch = branch.data_ptr();
+  a.gamma = gamma.data_ptr();
+  a.branch_dtype = static_cast<int>(to_out_dtype(branch.scalar_type()));
+  a.gamma_stride = gamma.stride(0);
+  a.x_sum = x_sum.data_ptr();
   launch_fused_quantize(a, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out, row_step, residual};
+  return {x_sum, c.out, c.row_step, c.residual};
+}
+
+at::Tensor split_qkv(const at::Tensor& qkv_in, int64_t heads, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& q_mul, bool l2_norm, double eps, const at::Tensor& k_out,
+                     const at::Tensor& v_out, const std::optional<at::Tensor>& kv_grid, int64_t kv_bits) {
+  const at::Tensor qkv = aligned(qkv_in);
+  TORCH_CHECK(qkv.dim() == 3 && heads > 0 && qkv.size(2) % (3 * heads) == 0,
+              "qkv must be [samples, tokens, 3 * heads * head_dim], got ", qkv.sizes(), " for ", heads, " heads");
+  const int64_t S = qkv.size(0), L = qkv.size(1), width = qkv.size(2) / 3, c = width / heads;
+  TORCH_CHECK(c >= 8 && c <= 256 && (c & (c - 1)) == 0, "the head dimension must be a power of two in [8, 256], got ",
+              c);
+  const auto dtype = qkv.scalar_type();
+  const bool codes = k_out.scalar_type() == at::kChar;
+  for (const auto* t : {&k_out, &v_out}) {
+    check_cuda(*t, qkv, "k_out / v_out");
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == S && t->size(1) == heads && t->size(2) == L && t->size(3) == c &&
+                t->stride(3) == 1, "k_out and v_out must be [", S, ", ", heads, ", ", L, ", ", c,
+                "] views with unit stride over the head dimension, got ", t->sizes(), " strides ", t->strides());
+    TORCH_CHECK(t->scalar_type() == (codes ? at::kChar : dtype), "k_out and v_out must both be int8 or ", dtype);
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0 && t->stride(0) % 8 == 0 &&
+                t->stride(1) % 8 == 0 && t->stride(2) % 8 == 0, "k_out and v_out must be 16-byte aligned, with "
+                "strides that are multiples of 8 elements");
+  }
+  TORCH_CHECK(k_out.strides() == v_out.strides(), "k_out and v_out must have the same strides");
+  if (codes) {
+    TORCH_CHECK(kv_grid.has_value(), "int8 k_out / v_out need kv_grid = [k_step, k_zero, v_step, v_zero]");
+    check_cuda(*kv_grid, qkv, "kv_grid");
+    TORCH_CHECK(kv_grid->scalar_type() == at::kFloat && kv_grid->numel() == 4 && kv_grid->is_contiguous(),
+                "kv_grid must be a contiguous float32 [k_step, k_zero, v_step, v_zero]");
+    TORCH_CHECK(kv_bits >= 2 && kv_bits <= 8, "kv_bits must be in [2, 8], got ", kv_bits);
+  }
+  const c10::cuda::CUDAGuard guard(qkv.device());
+  at::Tensor q = at::empty({S, L, heads, c}, qkv.options());
+  SplitQkvArgs a;
+  a.qkv = qkv.data_ptr();
+  a.dtype = static_cast<int>(to_out_dtype(dtype));
+  a.bias = float_vector(bias, 3 * width, qkv, "bias");
+  a.q_mul = float_vector(q_mul, heads, qkv, "q_mul");
+  a.l2_norm = l2_norm;
+  a.eps = static_cast<float>(eps);
+  a.q_out = q.data_ptr();
+  a.k_out = k_out.data_ptr();
+  a.v_out = v_out.data_ptr();
+  a.kv_stride_s = k_out.stride(0);
+  a.kv_stride_h = k_out.stride(1);
+  a.kv_stride_t = k_out.stride(2);
+  a.kv_int8 = codes;
+  a.kv_grid = codes ? kv_grid->data_ptr<float>() : nullptr;
+  a.kv_bits = static_cast<int>(kv_bits);
+  a.samples = S;
+  a.tokens = L;
+  a.heads = heads;
+  a.head_dim = c;
+  launch_split_qkv(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return q;
 }
 
 void check_gemm_operands(const at::Tensor& xq, const at::Tensor& wq) {
@@ -335,6 +444,34 @@ at::Tensor dequantize_codes(const at::Tensor& codes, const at::Tensor& params, a
   return out;
 }
 
+at::Tensor group_norm_silu(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& bias, int64_t groups,
+                           double eps, bool silu, at::ScalarType out_dtype) {
+  const at::Tensor x = aligned(x_in);
+  TORCH_CHECK(x.dim() >= 2, "x must be [N, C, ...], got ", x.sizes());
+  const int64_t N = x.size(0), C = x.size(1), pixels = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  TORCH_CHECK(groups > 0 && C % groups == 0, "the ", C, " channels do not split into ", groups, " groups");
+  TORCH_CHECK(pixels % 8 == 0, "the spatial size (", pixels, " values per channel) must be a multiple of 8");
+  TORCH_CHECK(N * groups < (int64_t{1} << 31), "too many (sample, group) pairs for one launch");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  GroupNormArgs a;
+  a.x = x.data_ptr();
+  a.in_dtype = static_cast<int>(to_out_dtype(x.scalar_type()));
+  a.out = out.data_ptr();
+  a.out_dtype = to_out_dtype(out_dtype);
+  a.weight = float_vector(weight, C, x, "weight");
+  a.bias = float_vector(bias, C, x, "bias");
+  a.samples = N;
+  a.channels = C;
+  a.pixels = pixels;
+  a.groups = static_cast<int>(groups);
+  a.eps = static_cast<float>(eps);
+  a.silu = silu;
+  launch_group_norm(a, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 std::vector<int64_t> compiled_archs() {
   std::vector<int64_t> archs;
   for (int i = 0; i < compiled_arch_count(); ++i) archs.push_back(compiled_arch(i));
@@ -357,6 +494,13 @@ TORCH_LIBRARY(ptq4arvg_kernels, m) {
   m.def("fused_quantize(Tensor x, Tensor step, Tensor zero_point, Tensor? token_group, int bits, int prologue, "
         "float eps, Tensor? mod_mul, Tensor? mod_add, Tensor? channel_scale, Tensor? channel_shift) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("fused_residual_quantize(Tensor x, Tensor branch, Tensor gamma, Tensor step, Tensor zero_point, "
+        "Tensor? token_group, int bits, float eps, Tensor mod_mul, Tensor mod_add, Tensor? channel_scale, "
+        "Tensor? channel_shift) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("split_qkv(Tensor qkv, int heads, Tensor? bias, Tensor? q_mul, bool l2_norm, float eps, Tensor(a!) k_out, "
+        "Tensor(b!) v_out, Tensor? kv_grid, int kv_bits) -> Tensor");
+  m.def("group_norm_silu(Tensor x, Tensor weight, Tensor bias, int groups, float eps, bool silu, "
+        "ScalarType out_dtype) -> Tensor");
   m.def("int8_linear(Tensor xq, Tensor wq, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
         "Tensor? bias, ScalarType out_dtype, int config) -> Tensor");
   m.def("int8_linear_sm80(Tensor xq, Tensor wq, Tensor act_scale, Tensor? act_zero, Tensor w_scale, Tensor wsum, "
@@ -372,6 +516,9 @@ TORCH_LIBRARY(ptq4arvg_kernels, m) {
 TORCH_LIBRARY_IMPL(ptq4arvg_kernels, CUDA, m) {
   m.impl("quantize_rows", &ptq4arvg::quantize_rows);
   m.impl("fused_quantize", &ptq4arvg::fused_quantize);
+  m.impl("fused_residual_quantize", &ptq4arvg::fused_residual_quantize);
+  m.impl("split_qkv", &ptq4arvg::split_qkv);
+  m.impl("group_norm_silu", &ptq4arvg::group_norm_silu);
   m.impl("int8_linear", &ptq4arvg::int8_linear);
   m.impl("int8_linear_sm80", &ptq4arvg::int8_linear_sm80);
   m.impl("dequantize_int32", &ptq4arvg::dequantize_int32);

@@ -1,4 +1,5 @@
-// Exact row quantization arithmetic shared by the quantize kernels (elementwise.cu, fused_quantize.cu).
+// Exact row quantization arithmetic and vector access shared by the memory-bound kernels (elementwise.cu,
+// attention_inputs.cu).
 // No fast-math: every code must equal PyTorch's clamp(round(x / s) + z, 0, 2^b - 1) with IEEE float32 division and
 // round-half-to-even.
 #pragma once
@@ -196,6 +197,31 @@ struct ChunkElement<float> {
     return bits_float(word(v, i));
   }
 };
+
+// v rounded to T and back (the rounding a PyTorch op writing T applies).
+template <class T>
+__device__ __forceinline__ float round_to(float v) {
+  return static_cast<float>(from_float<T>(v));
+}
+
+// Eight consecutive elements of T at p (16-byte aligned), as floats.
+template <class T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  constexpr int kVectors = 8 * static_cast<int>(sizeof(T)) / 16;
+  uint4 in[kVectors];
+#pragma unroll
+  for (int i = 0; i < kVectors; ++i) in[i] = reinterpret_cast<const uint4*>(p)[i];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = ChunkElement<T>::get(in, i);
+}
+
+template <class T>
+__device__ __forceinline__ void store8(T* p, const float (&v)[8]) {
+  Pack<T, 8> out;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out.v[i] = from_float<T>(v[i]);
+  *reinterpret_cast<Pack<T, 8>*>(p) = out;
+}
 
 template <class T, bool kFast, int N, int kWords>
 __host__ __device__ __forceinline__ void quantize_chunk(const uint4 (&in)[N], const RowGrid& g,
