@@ -2,7 +2,8 @@
 
     report = to_int8(model, attention="sdpa", kv_cache="int8")
 
-After conversion each block runs as four INT8 GEMMs, the fused attention and five memory-bound kernels:
+After conversion each block runs as four INT8 GEMMs, the fused attention and five memory-bound kernels
+(six with the INT8 KV cache):
   * mat_qkv's quantize kernel computes the block's first LayerNorm + adaLN modulation, after adding the residual
     branch the previous block left pending (x + γ₂·ffn(...));
   * one kernel splits qkv into heads, adds the q/v bias, L2-normalises q and k (times the learned temperature)
@@ -10,7 +11,8 @@ After conversion each block runs as four INT8 GEMMs, the fused attention and fiv
   * proj's quantize kernel reads the attention output in place (q's layout makes it [S, l, C] without a copy);
   * fc1's quantize kernel adds the attention branch (x + γ₁·attn(...)) and computes the second LayerNorm +
     modulation, writing the updated residual stream as it goes;
-  * fc2's quantize kernel computes the GELU.
+  * fc2's quantize kernel computes the GELU;
+  * with the INT8 KV cache, one more kernel reads the cached codes back for the attention.
 Numerics: the fused path computes in float32 without rounding the normalised (or GELU) activation to bf16 first;
 it equals the unfused INT8 model up to those roundings. The residual adds, the bias, the L2 normalisation and
 the K/V codes round exactly as the model's own ops do (the norm's reduction order aside).

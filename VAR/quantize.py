@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--method', default='ptq4arvg', choices=sorted(METHODS))
     p.add_argument('--bits', type=parse_bits, default=(8, 8), help='w8a8 (default), w6a6, w4a8, ...')
     p.add_argument('--no-attention', action='store_true', help='keep the attention products in floating point')
+    p.add_argument('--w-symmetric', action='store_true',
+                   help='symmetric weight grids: exact on the INT8 kernels (sample with --int8)')
     p.add_argument('--batch-size', type=int, default=32, help='calibration mini-batch')
     p.add_argument('--calibration-order', choices=('sequential', 'joint'), default='sequential')
     p.add_argument('--faithful', action='store_true', help="the official code's numerics")
@@ -51,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 def build_recipe(args):
     w_bits, a_bits = args.bits
     r = recipe(args.method, w_bits=w_bits, a_bits=a_bits, quantize_attention=not args.no_attention,
-               batch_size=args.batch_size, calibration_order=args.calibration_order)
+               batch_size=args.batch_size, calibration_order=args.calibration_order, w_symmetric=args.w_symmetric)
     return r.faithful(**OFFICIAL_RECIPE_OPTIONS) if args.faithful else r
 
 

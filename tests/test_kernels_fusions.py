@@ -50,20 +50,31 @@ def test_fused_attention_inputs_equal_the_model_with_a_kv_cache(l2_norm, capacit
         assert torch.equal(fused(x, None), attn(x, None))
 
 
-def test_fused_attention_writes_the_int8_kv_codes_the_codec_would():
+@pytest.mark.parametrize("capacity", [None, 12])
+def test_fused_attention_writes_the_int8_kv_codes_the_codec_would(capacity):
     attn = attention()
     codec = Int8KVCodec(Int8Codec(torch.tensor(0.02), torch.tensor(131.0), 8),
                         Int8Codec(torch.tensor(0.05), torch.tensor(120.0), 8))
     attn.kv_codec = codec
     fused = fused_copy(attn)
     for module in (attn, fused):
-        module.kv_caching(True, max_len=12)
+        module.kv_caching(True, max_len=capacity)
     with torch.no_grad():
         for tokens in (5, 7):
             x = torch.randn(3, tokens, 128)
             assert torch.equal(fused(x, None), attn(x, None))
     assert fused.cached_k.dtype == torch.int8 and torch.equal(fused.cached_k, attn.cached_k)
     assert torch.equal(fused.cached_v, attn.cached_v)
+
+
+def test_fused_attention_runs_the_model_code_with_explicit_matmuls():
+    """Fake-quant attention products need the model's own attention code: the fused module defers to it."""
+    attn = attention()
+    attn.explicit_matmuls = True
+    fused = fused_copy(attn)
+    x = torch.randn(2, 6, 128)
+    with torch.no_grad():
+        assert torch.equal(fused(x, None), attn(x, None))
 
 
 def test_split_qkv_rejects_bad_outputs():

@@ -82,10 +82,11 @@ def test_tiny_pipeline_end_to_end_with_scripts(tmp_path):
                            "--no-progress"]) == 0
     assert len(CalibrationSet.load(calib)) == 8
     assert (tmp_path / "calibration_raw.safetensors").exists()
-    assert quantize_main(["--preset", "var_tiny", "--calibration", str(calib), "--bits", "w8a8", "--out", str(state),
-                          "--no-progress"]) == 0
+    assert quantize_main(["--preset", "var_tiny", "--calibration", str(calib), "--bits", "w8a8", "--w-symmetric",
+                          "--out", str(state), "--no-progress"]) == 0
     var, vae = create("var_tiny", seed=0)
     load_quantized(var, var_adapter(var), state)
+    assert var.blocks[0].attn.mat_qkv.weight_quantizer.symmetric  # --w-symmetric: exact on the INT8 kernels
     sample = make_sample_fn(var, vae, dtype="fp32")
     out = sample(np.array([1, 2, 3]), seed=5)
     assert out["images"].shape == (3, 32, 32, 3) and out["images"].dtype == np.uint8
