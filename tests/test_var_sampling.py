@@ -170,6 +170,12 @@ def test_sample_cli_runs_the_int8_deployment(tmp_path):
         assert int8['arr_0'].shape == fake['arr_0'].shape and int8['arr_0'].dtype == np.uint8
         # the INT8 model differs from fake quant by rounding only: most tokens agree
         assert (int8['idx_BL'] == fake['idx_BL']).mean() > 0.5
+    if torch.cuda.is_available():  # the graphed INT8 run samples the eager INT8 run's tokens
+        for name, extra in (('eager', []), ('graphs', ['--cuda-graphs'])):
+            assert sample_main(common + ['--out', str(tmp_path / name), '--int8', '--int8-kv-cache', '--dtype',
+                                         'bf16'] + extra) == 0
+        with np.load(tmp_path / 'eager' / 'samples.npz') as eager, np.load(tmp_path / 'graphs' / 'samples.npz') as g:
+            assert np.array_equal(eager['idx_BL'], g['idx_BL'])
     manifest = next((tmp_path / 'int8').glob('*.json'))
     description = json.loads(manifest.read_text())['description']
     assert description['deployment'] == 'int8 + int8 kv cache' and description['fused_decoder'] is True
