@@ -211,9 +211,10 @@ def _fused_quantize_inputs(x, step, zero_point, bits, token_group, prologue, mod
     channel_shift = _float_vector(channel_shift, k, "channel_shift", device)
     backend = _resolve_backend(backend, device)
     on_extension = backend != "reference" and _extension.runs_elementwise(device) and k <= MAX_FUSED_K
-    if on_extension and mod_mul is not None and (mod_mul.stride(0) % 4 or mod_mul.data_ptr() % 16
-                                                 or mod_add.data_ptr() % 16 or mod_mul.stride() != mod_add.stride()):
-        mod_mul, mod_add = mod_mul.contiguous(), mod_add.contiguous()
+    if on_extension and mod_mul is not None:
+        mod_mul, mod_add = aligned_rows(mod_mul), aligned_rows(mod_add)
+        if mod_mul.stride() != mod_add.stride():  # the kernel takes one row stride for both
+            mod_mul, mod_add = mod_mul.contiguous(), mod_add.contiguous()
     return on_extension, (step, zero_point, token_group, bits, prologue, mod_mul, mod_add, channel_scale, channel_shift)
 
 

@@ -30,20 +30,26 @@ def fused_copy(attn):
     return fused
 
 
-@pytest.mark.parametrize("l2_norm", [True, False])
-@pytest.mark.parametrize("capacity", [None, 12])
-def test_fused_attention_inputs_equal_the_model_with_a_kv_cache(l2_norm, capacity):
+def assert_same_cached_steps(attn, fused, capacity):
     """Two cached steps (5 then 7 tokens) through the model's SelfAttention and the fused one: the same outputs
-    and the same cache, for a growing and a preallocated cache."""
-    attn = attention(l2_norm=l2_norm)
-    fused = fused_copy(attn)
+    and the same cache."""
     for module in (attn, fused):
         module.kv_caching(True, max_len=capacity)
     with torch.no_grad():
         for tokens in (5, 7):
             x = torch.randn(3, tokens, 128)
             assert torch.equal(fused(x, None), attn(x, None))
+    assert fused.cached_k.dtype == attn.cached_k.dtype
     assert torch.equal(fused.cached_k, attn.cached_k) and torch.equal(fused.cached_v, attn.cached_v)
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+@pytest.mark.parametrize("capacity", [None, 12])
+def test_fused_attention_inputs_equal_the_model_with_a_kv_cache(l2_norm, capacity):
+    """Growing and preallocated caches, then a step without a cache."""
+    attn = attention(l2_norm=l2_norm)
+    fused = fused_copy(attn)
+    assert_same_cached_steps(attn, fused, capacity)
     with torch.no_grad():  # and without a cache (the calibration replay)
         fused.kv_caching(False), attn.kv_caching(False)
         x = torch.randn(2, 9, 128)
@@ -57,14 +63,8 @@ def test_fused_attention_writes_the_int8_kv_codes_the_codec_would(capacity):
                         Int8Codec(torch.tensor(0.05), torch.tensor(120.0), 8))
     attn.kv_codec = codec
     fused = fused_copy(attn)
-    for module in (attn, fused):
-        module.kv_caching(True, max_len=capacity)
-    with torch.no_grad():
-        for tokens in (5, 7):
-            x = torch.randn(3, tokens, 128)
-            assert torch.equal(fused(x, None), attn(x, None))
-    assert fused.cached_k.dtype == torch.int8 and torch.equal(fused.cached_k, attn.cached_k)
-    assert torch.equal(fused.cached_v, attn.cached_v)
+    assert_same_cached_steps(attn, fused, capacity)
+    assert fused.cached_k.dtype == torch.int8
 
 
 def test_fused_attention_runs_the_model_code_with_explicit_matmuls():

@@ -13,10 +13,6 @@ namespace {
 
 constexpr int kThreads = 512;
 
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-
 // Sum over the block of two values at once; every thread gets both totals.
 __device__ __forceinline__ float2 block_sum2(float2 v, float2* partial) {
 #pragma unroll

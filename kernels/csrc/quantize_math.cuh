@@ -17,6 +17,9 @@ template <class T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
 template <> __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ float from_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
 
 // Fixed-size register array that can be moved through memory as 16-byte (or 8-byte) words.
 template <class T, int N>
@@ -201,7 +204,7 @@ struct ChunkElement<float> {
 // v rounded to T and back (the rounding a PyTorch op writing T applies).
 template <class T>
 __device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(from_float<T>(v));
+  return to_float(from_float<T>(v));
 }
 
 // Eight consecutive elements of T at p (16-byte aligned), as floats.
